@@ -1,0 +1,83 @@
+"""The Python API: what the CLI does, as functions that take and return plain values.
+
+`prune` runs one method with fixed settings; `search` (search/orchestrator.py) runs the
+Ray Tune + Optuna search. Users with their own model or data call these directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget
+from .errors import UserError
+from .pipeline import Workbench, granularity_of, run_pruning, size_allocation
+from .pruning import get_method
+from .search.projection import CostTable, min_reachable, project
+from .study import Study, load_study
+
+
+def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
+                       allocation: dict[str, float] | None = None, target: float = 1.0,
+                       max_sparsity: float = 0.99) -> dict[str, float]:
+    """Per-layer sparsities meeting `budget` (scaled by `target`) with the given preferences.
+
+    Refuses, before any training, a budget that the granularity cannot reach at all.
+    """
+    table = CostTable.from_accountant(wb.accountant)
+    reach = min_reachable(table, granularity, max_sparsity)
+    for key, limit in budget.limits.items():
+        if reach[key] > limit * target + 1e-12:
+            raise UserError(f"budget {key}={limit:g} cannot be met by {granularity} pruning of "
+                            f"{wb.study.model}: the smallest reachable {key} fraction is "
+                            f"{reach[key]:.4f}")
+    alloc = allocation or size_allocation(wb.accountant, wb.layers)
+    return project(table, alloc, budget.limits, target, granularity, max_sparsity)
+
+
+def parse_layer_sparsity(text: str, layers: list[str]) -> dict[str, float]:
+    """'conv1=0.8,fc1=0.99' -> {layer: sparsity}, checked against the model's layers."""
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in layers:
+            raise UserError(f"--layer-sparsity item '{item}': expected LAYER=VALUE with LAYER "
+                            f"one of {', '.join(layers)}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UserError(f"--layer-sparsity value '{value}' is not a number") from None
+        if not 0 <= out[name] < 1:
+            raise UserError(f"--layer-sparsity {name}={value}: must be in [0, 1)")
+    return out
+
+
+def prune(study: str | Study, method: str, budget: str | Budget | None = None, *,
+          params: dict[str, Any] | None = None, layer_sparsity: str | None = None,
+          out: str | Path = "autoprune-runs", data_root: str | None = None, seed: int = 0,
+          checkpoint: str | None = None, finetune: dict[str, Any] | None = None,
+          download: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run one pruning method with fixed settings; return its metrics (see pipeline.run_pruning)."""
+    st = study if isinstance(study, Study) else load_study(study)
+    get_method(method).make_params(**(params or {}))  # validate before loading anything
+    b = budget if isinstance(budget, Budget) else Budget.parse(budget or st.budget)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    wb = Workbench.open(st, out, data_root=data_root, seed=seed, checkpoint=checkpoint,
+                        download=download, log=log)
+    log(f"dense baseline: val {wb.dense['val_accuracy']:.4f} test {wb.dense['test_accuracy']:.4f}")
+    gran = granularity_of(wb, method, params or {})
+    if layer_sparsity:
+        targets = parse_layer_sparsity(layer_sparsity, wb.layers)
+    else:
+        targets = targets_for_budget(wb, gran, b)
+    log(f"{method} ({gran}) targets: " + ", ".join(f"{k}={v:.3f}" for k, v in targets.items()))
+    _, metrics = run_pruning(wb, method, params or {}, targets, finetune=finetune, seed=seed,
+                             on_epoch=lambda r: log(f"  {r['phase']} epoch {r['epoch'] + 1}: "
+                                                    f"loss {r['loss']:.4f} "
+                                                    f"val {r['val_accuracy']:.4f}"))
+    fracs = {"flops": metrics["flops_frac"], "params": metrics["params_frac"]}
+    metrics.update(study=st.name, budget=str(b), params_set=params or {}, targets=targets,
+                   within_budget=b.satisfied(fracs), dense_flops=wb.dense["flops"],
+                   dense_params=wb.dense["params"])
+    return metrics

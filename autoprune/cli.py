@@ -1,0 +1,146 @@
+"""The `autoprune` command line: parse arguments, call the Python API, print, set the exit code.
+
+Exit codes: 0 success, 1 the work ran but failed (e.g. every trial failed), 2 bad input
+(a one-line message, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import UserError
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _log_to_stderr(quiet: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return log
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", default="digits-lenet",
+                   help="built-in study name or path to a study YAML (default: digits-lenet)")
+    p.add_argument("--out", default="autoprune-runs", help="output folder (default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (default: $AUTOPRUNE_DATA or ~/.cache/autoprune/data)")
+    p.add_argument("--download", action="store_true",
+                   help="download a missing torchvision dataset (needs network)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from .study import list_studies
+
+    studies = list_studies()
+    if args.json:
+        print(json.dumps([{"name": s.name, "model": s.model, "dataset": s.dataset,
+                           "budget": s.budget, "trials": s.trials, "expects": s.expects,
+                           "description": s.description} for s in studies], indent=2))
+        return 0
+    print(f"{'study':<18} {'model':<14} {'dataset':<14} {'budget':<12} {'trials':>6}  expects")
+    for s in studies:
+        print(f"{s.name:<18} {s.model:<14} {s.dataset:<14} {s.budget:<12} {s.trials:>6}  "
+              f"{s.expects}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .pruning import load_all
+
+    methods = {name: cls.describe() for name, cls in sorted(load_all().items())}
+    if args.json:
+        print(json.dumps(methods, indent=2, default=str))
+        return 0
+    for name, hps in methods.items():
+        print(name)
+        for h in hps:
+            rng = f" [{h['low']}, {h['high']}]" if "low" in h else ""
+            ch = f" {list(h['choices'])}" if "choices" in h else ""
+            print(f"  {h['name']:<16} default {h['default']!s:<10}{rng}{ch}  {h.get('doc', '')}")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import api
+    from .pruning import get_method
+
+    params = get_method(args.method).parse_set(args.set or [])
+    m = api.prune(args.study, args.method, args.budget, params=params,
+                  layer_sparsity=args.layer_sparsity, out=args.out, data_root=args.data_root,
+                  seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download,
+                  log=_log_to_stderr(args.json))
+    m.pop("history", None)
+    if args.json:
+        print(json.dumps(m, indent=2, default=float))
+        return 0
+    print(f"method            {m['method']} ({m['granularity']}) on {m['study']}")
+    print(f"test accuracy     {m['test_accuracy']:.4f}  (dense {m['dense_test_accuracy']:.4f})")
+    print(f"val accuracy      {m['val_accuracy']:.4f}  (dense {m['dense_val_accuracy']:.4f})")
+    print(f"FLOPs kept        {m['flops_frac']:.4f}  (compacted {m['compact_flops_frac']:.4f})")
+    print(f"params kept       {m['params_frac']:.4f}  (weight compression "
+          f"{m['weight_compression']:.1f}x)")
+    print(f"budget {m['budget']:<10} {'met' if m['within_budget'] else 'NOT met'}")
+    print("layer sparsity    " + ", ".join(f"{k}={v:.3f}" for k, v in m["layer_sparsity"].items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoprune",
+        description="AutoML search over neural-network pruning methods, per-layer sparsity and "
+                    "hyperparameters (Ray Tune + Optuna), tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("studies", help="list the built-in studies")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_studies)
+
+    p = sub.add_parser("methods", help="list the pruning methods and their hyperparameters")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_methods)
+
+    p = sub.add_parser("prune", help="run one pruning method with fixed settings (no search)")
+    _common(p)
+    p.add_argument("--method", required=True, help="pruning method (see `autoprune methods`)")
+    p.add_argument("--budget", default=None,
+                   help="e.g. flops=0.4 or params=0.014 (default: the study's budget)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a hyperparameter of the method (repeatable)")
+    p.add_argument("--layer-sparsity", default=None, metavar="L=S,...",
+                   help="explicit per-layer sparsities instead of the budget projection")
+    p.add_argument("--dense-checkpoint", default=None,
+                   help="start from this dense checkpoint instead of training one")
+    p.set_defaults(func=_cmd_prune)
+
+    try:
+        from .search import cli as search_cli
+    except ImportError:
+        search_cli = None
+    if search_cli is not None:
+        search_cli.add_commands(sub, _common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"autoprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Train and evaluate loops with hook points for pruning methods.
+
+The loop is a plain PyTorch loop over in-memory tensor batches (see `data.py`); a pruning method
+plugs in through `TrainHook` (loss penalty, after-step projection, epoch boundaries) and never
+touches the loop itself. On CUDA it uses AMP (bf16 autocast) and channels_last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TensorData
+from .errors import TrainingDiverged, UserError
+
+
+@dataclass
+class Recipe:
+    """How to train: optimiser, schedule, epochs. Studies give one for dense and one for fine-tune."""
+
+    epochs: float = 10  # fractions allowed (e.g. 0.5 epoch) for quick runs
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise UserError(f"recipe optimizer must be sgd or adam, got '{self.optimizer}'")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise UserError(f"recipe schedule must be cosine, step or constant, "
+                            f"got '{self.schedule}'")
+        if not (self.epochs >= 0 and self.lr > 0 and self.batch_size > 0):
+            raise UserError("recipe needs epochs >= 0, lr > 0 and batch_size > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None, **overrides) -> Recipe:
+        d = {**(d or {}), **overrides}
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UserError(f"unknown recipe key(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainHook:
+    """Extension points of the training loop; every method is a no-op by default."""
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       steps_per_epoch: int, epochs: float) -> None:
+        """Called once with the optimiser that will be used (e.g. to mask its state)."""
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the loss of every step (ADMM's proximal term, L0, group L1)."""
+        return None
+
+    def before_step(self, model: nn.Module) -> None:
+        """After backward, before the optimiser step (e.g. mask gradients)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """After the optimiser step (projection, re-zeroing, clamping)."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before epoch `epoch` (0-based)."""
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        """After epoch `epoch` (schedules, reweighting, ADMM's Z and U updates)."""
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that orders the batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+
+
+def lr_at(recipe: Recipe, progress: float) -> float:
+    """Learning rate at `progress` in [0, 1] of training: a pure function of the recipe."""
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if recipe.schedule == "step":
+        return recipe.lr * recipe.gamma ** sum(progress >= m for m in recipe.milestones)
+    return recipe.lr
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to the device; channels_last on CUDA for faster convolutions."""
+    model = model.to(device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
+          hooks: Sequence[TrainHook] = (), seed: int = 0,
+          on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train `model` in place on `data.train_*` following `recipe`; return per-epoch records.
+
+    Each record has `epoch`, `loss`, `lr` and `val_accuracy`; `on_epoch` receives it as soon as
+    the epoch ends (live curves, Ray reports). Raises `TrainingDiverged` on a NaN/inf loss.
+    """
+    device = data.device
+    model = prepare(model, device)
+    gen = seed_everything(seed)
+    optimizer = make_optimizer(model, recipe)
+    n = data.train_x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
+    total_steps = max(1, int(round(recipe.epochs * steps_per_epoch)))
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    for h in hooks:
+        h.on_train_start(model, optimizer, steps_per_epoch, recipe.epochs)
+    history: list[dict] = []
+    step, epoch = 0, 0
+    while step < total_steps:
+        for h in hooks:
+            h.on_epoch_start(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        count = 0
+        for x, y in data.batches(recipe.batch_size, gen):
+            if step >= total_steps:
+                break
+            lr = lr_at(recipe, step / total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device):
+                loss = criterion(model(x), y)
+            for h in hooks:
+                p = h.penalty(model)
+                if p is not None:
+                    loss = loss + p
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for h in hooks:
+                h.before_step(model)
+            optimizer.step()
+            for h in hooks:
+                h.after_step(model)
+            loss_sum += loss.detach()
+            count += 1
+            step += 1
+        mean_loss = float(loss_sum) / max(count, 1)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch}")
+        for h in hooks:
+            h.on_epoch_end(epoch, model)
+        record = {"epoch": epoch, "loss": mean_loss, "lr": lr_at(recipe, step / total_steps),
+                  "val_accuracy": evaluate(model, data.val_x, data.val_y)}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        epoch += 1
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `model` on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    device = x.device
+    for i in range(0, x.shape[0], batch_size):
+        with _autocast(device):
+            logits = model(x[i:i + batch_size])
+        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(x.shape[0], 1)

@@ -1,0 +1,133 @@
+"""One pruning run on a study: dense weights -> per-layer targets -> prune -> fine-tune -> measure.
+
+`autoprune prune` runs it once with fixed settings; every search trial runs it with sampled ones.
+A `Workbench` holds what stays fixed across runs of one study in one process (data on the
+device, dense weights, the traced channel graph and the accountant), so a Ray actor that runs many
+trials pays for them once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import TensorData, load_dataset
+from .dense import dense_baseline
+from .device import default_device
+from .engine import Recipe, evaluate
+from .flops import Accountant, count_dense
+from .models import build_model
+from .pruning import get_method
+from .pruning.runner import prune_and_finetune
+from .study import Study
+
+
+@dataclass
+class Workbench:
+    study: Study
+    data: TensorData
+    dense_state: dict[str, torch.Tensor]
+    dense: dict[str, Any]  # record: val/test accuracy, path, key
+    accountant: Accountant
+    seed: int
+
+    @classmethod
+    def open(cls, study: Study, out_dir: str | Path, *, data_root: str | None = None,
+             seed: int = 0, device: torch.device | str | None = None,
+             checkpoint: str | None = None, download: bool = False,
+             log: Callable[[str], None] = lambda s: None) -> Workbench:
+        device = torch.device(device) if device else default_device()
+        data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
+                            seed=seed, device=device, download=download)
+        if study.train_subset:
+            data = data.subset(train=study.train_subset)
+        model = cls._build(study, data)
+        record = dense_baseline(study, model, data, Path(out_dir) / "dense", seed=seed,
+                                checkpoint=checkpoint, log=log)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        accountant = Accountant(model, data.example())
+        record = {**record, "flops": accountant.dense_macs, "params": accountant.dense_params}
+        return cls(study, data, state, record, accountant, seed)
+
+    @staticmethod
+    def _build(study: Study, data: TensorData) -> nn.Module:
+        info = data.info
+        return build_model(study.model, info.num_classes, info.in_channels,
+                           info.image_size).to(data.device)
+
+    def fresh_model(self) -> nn.Module:
+        """A new model holding the dense weights, on the data's device."""
+        model = self._build(self.study, self.data)
+        model.load_state_dict(self.dense_state)
+        return model
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.accountant.graph.layers)
+
+
+def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:
+    """'weight' or 'filter': what a method with these hyperparameters prunes.
+
+    Asked of an instance with no targets, so each method decides it in one place (its
+    `granularity` property) and nothing here names a method.
+    """
+    model = wb.fresh_model()
+    return get_method(method)(model, {}, wb.accountant.graph, **params).granularity
+
+
+def size_allocation(accountant: Accountant, layers: list[str]) -> dict[str, float]:
+    """Default per-layer preference: larger layers are pruned harder (logit ~ 0.5 log size).
+
+    On LeNet-5 this reproduces the shape of the ADMM paper's hand-set ratios (conv1 least,
+    fc1 most) without hand-setting anything.
+    """
+    sizes = {n: accountant.graph.layers[n].weight.numel() for n in layers}
+    mean_log = sum(math.log(s) for s in sizes.values()) / len(sizes)
+    return {n: 1 / (1 + math.exp(-0.5 * (math.log(s) - mean_log))) for n, s in sizes.items()}
+
+
+def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dict[str, float], *,
+                finetune: dict[str, Any] | None = None, seed: int | None = None,
+                on_epoch: Callable[[dict], None] | None = None) -> tuple[nn.Module, dict]:
+    """Prune a fresh dense copy with `method` to `targets`; return the model and its metrics."""
+    from .pruning.compaction import compact
+
+    seed = wb.seed if seed is None else seed
+    model = wb.fresh_model()
+    ft = replace(wb.study.finetune, **(finetune or {}))
+    prune_recipe: Recipe = wb.study.prune
+    if finetune and "lr" in finetune:  # a searched learning rate applies to both phases
+        prune_recipe = replace(prune_recipe, lr=finetune["lr"])
+    result = prune_and_finetune(model, wb.data, wb.accountant.graph, method, targets, params,
+                                prune_recipe, ft, seed=seed, on_epoch=on_epoch)
+    counts = wb.accountant.count(model)
+    compacted = compact(model, wb.data.example(), wb.accountant.graph)
+    c_macs, c_params = count_dense(compacted, wb.data.example())
+    metrics = {
+        "method": method,
+        "val_accuracy": evaluate(model, wb.data.val_x, wb.data.val_y),
+        "test_accuracy": evaluate(model, wb.data.test_x, wb.data.test_y),
+        "dense_val_accuracy": wb.dense["val_accuracy"],
+        "dense_test_accuracy": wb.dense["test_accuracy"],
+        "flops": counts.macs, "params": counts.params,
+        "flops_frac": counts.flops_frac, "params_frac": counts.params_frac,
+        "compact_flops_frac": c_macs / counts.dense_macs,
+        "compact_params_frac": c_params / counts.dense_params,
+        "weight_compression": counts.weight_compression,
+        "granularity": result.pruner.granularity,
+        "layer_sparsity": counts.layer_sparsity(),
+        "history": result.history,
+    }
+    return model, metrics
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

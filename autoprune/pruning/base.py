@@ -1,0 +1,275 @@
+"""The `Pruner` interface, the method registry, and the masks every method ends with.
+
+A method is one class in one file of this package: typed hyperparameters in a nested `Params`
+dataclass (defaults from its paper, ranges in field metadata), hooks into the training loop
+(inherited from `TrainHook`) and `final_masks()`, which must meet the per-layer targets exactly.
+Decorating it with `@register` is all it takes to make it usable by `prune` and `search`.
+
+Targets are per-layer *sparsities*: for `granularity == "weight"` the fraction of a layer's
+weights removed, for `"filter"` the fraction of its output filters removed (then only layers in
+`graph.free_layers()` may be targeted: their channels are not tied to others by a residual add).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine import TrainHook
+from ..errors import UserError
+from ..graph import ChannelGraph
+
+Masks = dict[str, torch.Tensor]  # parameter name -> 0/1 float tensor of the parameter's shape
+
+METHODS: dict[str, type[Pruner]] = {}
+
+
+def register(cls: type[Pruner]) -> type[Pruner]:
+    """Class decorator: make a method available under `cls.name`."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"pruning method '{cls.name}' registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Pruner]:
+    from . import load_all
+
+    load_all()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UserError(f"unknown method '{name}'; choose one of "
+                        f"{', '.join(sorted(METHODS))}") from None
+
+
+def hp(default: Any, low: float | None = None, high: float | None = None,
+       choices: tuple | None = None, doc: str = "") -> Any:
+    """A hyperparameter field: default plus the valid range (inclusive) or choices."""
+    return dataclasses.field(default=default, metadata={"low": low, "high": high,
+                                                        "choices": choices, "doc": doc})
+
+
+class Pruner(TrainHook):
+    """Base class of every pruning method."""
+
+    name: ClassVar[str] = ""
+
+    @dataclasses.dataclass
+    class Params:
+        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of the method's own training phase")
+
+    def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,
+                 **params: Any) -> None:
+        self.model = model
+        self.graph = graph
+        self.params = self.make_params(**params)
+        self.targets = dict(targets)
+        unknown = set(self.targets) - set(graph.layers)
+        if unknown:
+            raise UserError(f"targets name unknown layer(s): {', '.join(sorted(unknown))}")
+        for layer, s in self.targets.items():
+            if not 0.0 <= s < 1.0:
+                raise UserError(f"target sparsity of {layer} must be in [0, 1), got {s}")
+        if self.granularity == "filter":
+            bad = set(self.targets) - set(graph.free_layers())
+            bad = {b for b in bad if self.targets[b] > 0}
+            if bad:
+                raise UserError(f"filter pruning cannot target coupled or output layer(s): "
+                                f"{', '.join(sorted(bad))}")
+
+    # -- what the runner needs -------------------------------------------------------------
+    @property
+    def granularity(self) -> str:
+        """'weight' or 'filter': what the targets count. Methods may decide per instance."""
+        return "weight"
+
+    @property
+    def prune_epochs(self) -> float:
+        """Length of the method's own (regularised / scheduled) phase before fine-tuning."""
+        return float(self.params.epochs)
+
+    def final_masks(self) -> Masks:
+        """Masks meeting the targets exactly; called once after the method's phase."""
+        raise NotImplementedError
+
+    # -- hyperparameters --------------------------------------------------------------------
+    @classmethod
+    def make_params(cls, **values: Any) -> Any:
+        """Validated `Params`: unknown names and out-of-range values are `UserError`s."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise UserError(f"method '{cls.name}' has no hyperparameter(s) "
+                            f"{', '.join(sorted(unknown))}; known: {', '.join(fields)}")
+        for k, v in values.items():
+            values[k] = _check_value(cls.name, fields[k], v)
+        return cls.Params(**values)
+
+    @classmethod
+    def parse_set(cls, items: list[str]) -> dict[str, Any]:
+        """Parse CLI `--set key=value` items into typed hyperparameters."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        out: dict[str, Any] = {}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise UserError(f"--set expects key=value, got '{item}'")
+            if key not in fields:
+                raise UserError(f"method '{cls.name}' has no hyperparameter '{key}'; "
+                                f"known: {', '.join(fields)}")
+            out[key] = _convert(cls.name, fields[key], raw.strip())
+        cls.make_params(**out)
+        return out
+
+    @classmethod
+    def describe(cls) -> list[dict]:
+        """Hyperparameters with defaults and ranges, for `--help`-style listings."""
+        return [{"name": f.name, "default": f.default, **{k: v for k, v in f.metadata.items()
+                                                          if v not in (None, "")}}
+                for f in dataclasses.fields(cls.Params)]
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool,
+                                                  "str": str}.get(str(f.type), str)
+    return t
+
+
+def _convert(method: str, f: dataclasses.Field, raw: str) -> Any:
+    t = _field_type(f)
+    try:
+        if t is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        return t(float(raw)) if t is int and raw.replace(".", "", 1).isdigit() else t(raw)
+    except ValueError:
+        raise UserError(f"{method}.{f.name} expects {t.__name__}, got '{raw}'") from None
+
+
+def _check_value(method: str, f: dataclasses.Field, v: Any) -> Any:
+    t = _field_type(f)
+    if t is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if t is int and isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, t) or (t is not bool and isinstance(v, bool)):
+        raise UserError(f"{method}.{f.name} expects {t.__name__}, got {v!r}")
+    m = f.metadata
+    if m.get("choices") and v not in m["choices"]:
+        raise UserError(f"{method}.{f.name} must be one of {list(m['choices'])}, got {v!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise UserError(f"{method}.{f.name} must be finite, got {v}")
+    if m.get("low") is not None and v < m["low"] or m.get("high") is not None and v > m["high"]:
+        raise UserError(f"{method}.{f.name} must be in [{m['low']}, {m['high']}], got {v}")
+    return v
+
+
+# -- pure helpers every method uses ----------------------------------------------------------
+def n_pruned(total: int, sparsity: float) -> int:
+    """How many of `total` elements a sparsity removes: the one rounding rule of the project."""
+    return min(total, max(0, int(round(sparsity * total))))
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """0/1 mask of `scores`' shape keeping exactly the largest `numel - n_pruned` entries."""
+    flat = scores.detach().flatten()
+    k = n_pruned(flat.numel(), sparsity)
+    mask = torch.ones_like(flat)
+    if k > 0:
+        mask[torch.topk(flat, k, largest=False).indices] = 0.0
+    return mask.view_as(scores)
+
+
+def filter_scores(weight: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Lp norm of each output filter (dim 0)."""
+    return weight.detach().flatten(1).norm(p=p, dim=1)
+
+
+def channel_masks(graph: ChannelGraph, params: dict[str, torch.Tensor], layer: str,
+                  keep: torch.Tensor) -> Masks:
+    """Masks zeroing the output channels `~keep` of `layer` and everything producing them.
+
+    Covers the weight rows, the bias and any BatchNorm entries of the layer's channel group, so
+    the channel is dead in the sense of `graph.py` and compaction leaves the outputs unchanged.
+    """
+    group = graph.group_of[layer]
+    masks: Masks = {}
+    for s in group.producers:
+        p = params[s.param]
+        m = masks.get(s.param, torch.ones_like(p))
+        drop = s.target_idx[~keep.cpu()[s.root_idx]].to(p.device)
+        idx = [slice(None)] * p.dim()
+        idx[s.dim] = drop
+        m[tuple(idx)] = 0.0
+        masks[s.param] = m
+    return masks
+
+
+def filter_masks(graph: ChannelGraph, model: nn.Module, targets: dict[str, float],
+                 scores: dict[str, torch.Tensor]) -> Masks:
+    """Per free layer, drop exactly `n_pruned(filters, target)` filters of lowest score."""
+    params = dict(model.named_parameters())
+    masks: Masks = {}
+    for layer, s in targets.items():
+        keep = topk_mask(scores[layer], s).bool()
+        masks.update(channel_masks(graph, params, layer, keep))
+    return masks
+
+
+def weight_masks(model: nn.Module, targets: dict[str, float],
+                 scores: dict[str, torch.Tensor] | None = None) -> Masks:
+    """Per layer, keep exactly the highest-scoring weights (|w| by default)."""
+    out: Masks = {}
+    for layer, s in targets.items():
+        w = model.get_submodule(layer).weight
+        out[f"{layer}.weight"] = topk_mask(w.abs() if scores is None else scores[layer], s)
+    return out
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        params[name].mul_(m.to(params[name].device, params[name].dtype))
+
+
+class MaskHook(TrainHook):
+    """Masked fine-tuning: pruned weights stay exactly zero.
+
+    Gradients are masked before the step and weights after it; optimiser state (momentum,
+    Adam moments) is masked too, so weight decay or stale momentum can never revive a weight.
+    """
+
+    def __init__(self, masks: Masks) -> None:
+        self.masks = masks
+        self._pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_start(self, model, optimizer, steps_per_epoch, epochs) -> None:
+        params = dict(model.named_parameters())
+        self._pairs = [(params[n], m.to(params[n].device, params[n].dtype))
+                       for n, m in self.masks.items()]
+        self._optimizer = optimizer
+        self.after_step(model)
+
+    def before_step(self, model: nn.Module) -> None:
+        for p, m in self._pairs:
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        for p, m in self._pairs:
+            p.mul_(m)
+            state = self._optimizer.state.get(p, {}) if self._optimizer else {}
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+                buf = state.get(key)
+                if buf is not None:
+                    buf.mul_(m)

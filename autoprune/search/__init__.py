@@ -1,0 +1,1 @@
+"""Search: spaces, projection, Optuna searcher, Ray orchestration."""

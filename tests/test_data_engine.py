@@ -1,0 +1,90 @@
+"""Datasets as tensors, seeded determinism, clear errors, and a real training run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from autoprune.data import crop_flip, load_dataset
+from autoprune.engine import Recipe, evaluate, lr_at, train
+from autoprune.errors import UserError
+from autoprune.models import build_model
+
+
+def test_digits_splits_are_disjoint_and_seeded(digits):
+    assert digits.train_x.shape[1:] == (1, 8, 8)
+    n = digits.train_x.shape[0] + digits.val_x.shape[0] + digits.test_x.shape[0]
+    assert n == 1797
+    again = load_dataset("digits", seed=0)
+    assert torch.equal(again.val_x, digits.val_x)
+    other = load_dataset("digits", seed=1)
+    assert not torch.equal(other.val_x, digits.val_x)
+    assert torch.equal(other.test_x, digits.test_x)  # the test split never moves
+
+
+def test_batches_are_deterministic_for_a_seed(digits):
+    def first(seed):
+        return next(digits.batches(32, torch.Generator().manual_seed(seed)))[1]
+    assert torch.equal(first(3), first(3))
+    assert not torch.equal(first(3), first(4))
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_dataset("mnist", tmp_path)
+    assert str(tmp_path / "MNIST" / "raw") in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_dataset("imagenette", tmp_path)
+
+
+def test_mnist_loads_from_shared_raw_files(mnist_root):
+    d = load_dataset("mnist", mnist_root)
+    assert d.train_x.shape == (54_000, 1, 28, 28) and d.test_x.shape == (10_000, 1, 28, 28)
+    counts = torch.bincount(torch.cat([d.train_y, d.val_y]), minlength=10)
+    assert counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_crop_flip_keeps_pixels_and_shape():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    # every nonzero output pixel comes from the same image
+    for i in range(2):
+        vals = set(out[i][out[i] != 0].tolist())
+        assert vals <= set(x[i].flatten().tolist())
+
+
+def test_lenet_trains_on_digits_to_95_percent_in_seconds(digits):
+    model = build_model("lenet-digits", 10, 1, 8)
+    start = time.perf_counter()
+    history = train(model, digits, Recipe(epochs=15, lr=0.05, batch_size=64), seed=0)
+    elapsed = time.perf_counter() - start
+    acc = evaluate(model, digits.test_x, digits.test_y)
+    assert acc >= 0.95, acc
+    assert len(history) == 15 and history[-1]["val_accuracy"] >= 0.9
+    assert elapsed < 60  # "a few seconds" with generous slack for a loaded CI machine
+
+
+def test_training_is_reproducible(digits):
+    sub = digits.subset(train=256)
+    w = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = build_model("lenet-digits", 10, 1, 8)
+        train(m, sub, Recipe(epochs=1, batch_size=64), seed=7)
+        w.append(m.fc2.weight.detach().clone())
+    assert torch.equal(w[0], w[1])
+
+
+def test_schedules():
+    r = Recipe(lr=0.1, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert lr_at(r, 0.0) == pytest.approx(0.1)
+    assert lr_at(r, 0.6) == pytest.approx(0.01)
+    assert lr_at(r, 0.8) == pytest.approx(0.001)
+    c = Recipe(lr=0.1, schedule="cosine")
+    assert lr_at(c, 0.5) == pytest.approx(0.05) and lr_at(c, 1.0) == pytest.approx(0.0)
+    with pytest.raises(UserError):
+        Recipe(optimizer="lbfgs")

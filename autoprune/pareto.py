@@ -1,0 +1,147 @@
+"""Pareto front and hypervolume of search results (pure functions, no MLflow).
+
+A point is a mapping that holds at least the objective keys (by default val_accuracy to maximise,
+flops_frac and params_frac to minimise). Everything is converted to minimisation internally
+(a maximised value v becomes -v), so one dominance rule serves all objective directions.
+
+Why written here: Optuna 5 has an exact hypervolume only in its private `optuna._hypervolume`
+module, and search fronts are small (tens to a few hundred trials), so a short exact algorithm
+is fast enough and keeps us off private APIs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .names import FLOPS_FRAC, OBJECTIVES, PARAMS_FRAC, VAL_ACC
+
+Objectives = Sequence[tuple[str, str]]
+
+# Reference point of the hypervolume: the worst model worth counting (accuracy 0, and the dense
+# model's cost). Every front point then spans a box up to it, so HV lies in [0, 1] for accuracies
+# and fractions in [0, 1].
+DEFAULT_REF: dict[str, float] = {VAL_ACC: 0.0, FLOPS_FRAC: 1.0, PARAMS_FRAC: 1.0}
+
+
+def _sign(mode: str) -> float:
+    if mode == "min":
+        return 1.0
+    if mode == "max":
+        return -1.0
+    raise ValueError(f"objective mode must be 'min' or 'max', not {mode!r}")
+
+
+def _value(point: Mapping[str, Any], key: str) -> float:
+    """The objective as a float; NaN when missing or not a number (such points rank nowhere)."""
+    v = point.get(key)
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _matrix(points: Sequence[Mapping[str, Any]], objectives: Objectives) -> np.ndarray:
+    """n x d array of objective values, all to be minimised."""
+    signs = np.array([_sign(m) for _, m in objectives])
+    raw = np.array([[_value(p, k) for k, _ in objectives] for p in points], dtype=float)
+    return raw.reshape(len(points), len(objectives)) * signs
+
+
+def dominates(a: Mapping[str, Any], b: Mapping[str, Any],
+              objectives: Objectives = OBJECTIVES) -> bool:
+    """True if `a` is at least as good as `b` in every objective and better in one."""
+    m = _matrix([a, b], objectives)
+    return bool(np.all(m[0] <= m[1]) and np.any(m[0] < m[1]))
+
+
+def front(points: Sequence[Mapping[str, Any]], objectives: Objectives = OBJECTIVES) -> list[int]:
+    """Indices (ascending) of the non-dominated points.
+
+    Deterministic ties: among points with identical objective values only the first (lowest
+    index) is on the front, so a re-logged duplicate trial never doubles a front entry. Points
+    with a missing or NaN objective are never on the front. Every other point is then weakly
+    dominated by a front point (dominated, or equal to an earlier front point).
+    """
+    return _nondominated(_matrix(points, objectives))
+
+
+def _nondominated(m: np.ndarray) -> list[int]:
+    """Row indices of `front` for an n x d minimisation matrix (NaN rows excluded)."""
+    valid = np.flatnonzero(~np.isnan(m).any(axis=1))
+    others = m[valid]
+    out: list[int] = []
+    for i in valid:
+        le = np.all(others <= m[i], axis=1)
+        if np.any(le & np.any(others < m[i], axis=1)):
+            continue  # strictly dominated
+        if valid[le & np.all(others == m[i], axis=1)][0] == i:  # first of its duplicates
+            out.append(int(i))
+    return out
+
+
+def _hv_min(pts: list[tuple[float, ...]], ref: tuple[float, ...]) -> float:
+    """Exact hypervolume dominated by `pts` (minimisation, all strictly better than `ref`).
+
+    2-D: a sweep over x. More dimensions: slice along the last objective; between two
+    consecutive values of it the cross-section is the (d-1)-D volume of the points already
+    passed. O(n^(d-1) log n), plenty for fronts of a few hundred points in 3-D.
+    """
+    if not pts:
+        return 0.0
+    d = len(ref)
+    if d == 1:
+        return ref[0] - min(p[0] for p in pts)
+    if d == 2:
+        total, y_best = 0.0, ref[1]
+        for x, y in sorted(pts):
+            if y < y_best:
+                total += (ref[0] - x) * (y_best - y)
+                y_best = y
+        return total
+    ordered = sorted(pts, key=lambda p: p[-1])
+    total = 0.0
+    for i, p in enumerate(ordered):
+        upper = ordered[i + 1][-1] if i + 1 < len(ordered) else ref[-1]
+        depth = upper - p[-1]
+        if depth > 0:
+            total += depth * _hv_min([q[:-1] for q in ordered[: i + 1]], ref[:-1])
+    return total
+
+
+def reference(ref: Mapping[str, float] | Sequence[float] | None,
+              objectives: Objectives = OBJECTIVES) -> tuple[float, ...]:
+    """The reference point as a tuple aligned with `objectives` (in their own directions)."""
+    if ref is None:
+        ref = DEFAULT_REF
+    if isinstance(ref, Mapping):
+        missing = [k for k, _ in objectives if k not in ref]
+        if missing:
+            raise ValueError(f"reference point lacks {missing}")
+        return tuple(float(ref[k]) for k, _ in objectives)
+    if len(ref) != len(objectives):
+        raise ValueError(f"reference point has {len(ref)} values for {len(objectives)} objectives")
+    return tuple(float(r) for r in ref)
+
+
+def hypervolume(points: Sequence[Mapping[str, Any]],
+                ref: Mapping[str, float] | Sequence[float] | None = None,
+                objectives: Objectives = OBJECTIVES) -> float:
+    """Exact volume of objective space dominated by `points` and bounded by `ref`.
+
+    `ref` defaults to DEFAULT_REF (accuracy 0, flops_frac 1, params_frac 1): a single point
+    (acc .9, flops .5, params .5) has HV 0.9 * 0.5 * 0.5. Points not strictly better than the
+    reference in every objective, or with NaN objectives, add nothing.
+    """
+    r = np.array(reference(ref, objectives)) * np.array([_sign(m) for _, m in objectives])
+    m = _matrix(points, objectives)
+    keep = ~np.isnan(m).any(axis=1) & np.all(m < r, axis=1)
+    m = m[keep]
+    if len(m) == 0:
+        return 0.0
+    # Dominated points never change the volume: dropping them first keeps the recursion small.
+    return float(_hv_min([tuple(m[i]) for i in _nondominated(m)], tuple(r)))

@@ -1,0 +1,507 @@
+"""MLflow records of a search: one parent run per search, one child run per trial.
+
+Only the driver process calls this module (workers just report to Ray), so a single writer keeps
+the default SQLite store safe, and a cluster only changes the tracking URI. Everything goes
+through `MlflowClient` with explicit run ids, never the fluent `mlflow.start_run` API: its global
+"active run" would tie records to whatever thread or process happens to log.
+
+Layout (all names from names.py):
+- parent run, tag autoprune.role=search: the flattened config and budget as params, the dense
+  baseline as dense_* metrics, package versions as tags, config.yaml; at the end the Pareto
+  table, plot, hypervolume and trial counts.
+- child run per trial, tag mlflow.parentRunId (nesting in the UI) and autoprune.trial=<number>
+  (idempotent re-logging after a resume), method and sampled hyperparameters as params, final
+  metrics, per-epoch curves, layer_sparsity.json, and for failures the error text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+from . import pareto
+from .names import (
+    ART_CONFIG,
+    ART_ERROR,
+    ART_FRONT_CSV,
+    ART_FRONT_JSON,
+    ART_LAYER_SPARSITY,
+    ART_PLOT,
+    ART_TRIALS_CSV,
+    DENSE_PREFIX,
+    FLOPS,
+    FLOPS_FRAC,
+    HYPERVOLUME,
+    OBJECTIVES,
+    PARAMS,
+    PARAMS_FRAC,
+    PARETO_SIZE,
+    ROLE_SEARCH,
+    ROLE_TRIAL,
+    TAG_BUDGET,
+    TAG_ERROR,
+    TAG_FEASIBLE,
+    TAG_METHOD,
+    TAG_PARENT,
+    TAG_PARETO,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TAG_VERSION_PREFIX,
+    TEST_ACC,
+    TRIALS_COMPLETED,
+    TRIALS_FAILED,
+    VAL_ACC,
+)
+
+TRIAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+VERSIONED_PACKAGES = ("autoprune", "torch", "torch-pruning", "ray", "optuna", "mlflow")
+ERROR_TAG_CHARS = 1000  # the tag shows the tail of a traceback; error.txt has all of it
+# MLflow's limits (mlflow.utils.validation): 100 params/tags and 1000 entities per log_batch.
+_BATCH_PARAMS, _BATCH_ENTITIES = 100, 1000
+_PARAM_CHARS, _TAG_CHARS = 6000, 8000
+# Columns of the front/trial tables, in this order.
+POINT_COLUMNS = ("trial", "method", VAL_ACC, TEST_ACC, FLOPS_FRAC, PARAMS_FRAC, "feasible",
+                 "run_id")
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """`sqlite:///<abs out_dir>/mlflow.db`: absolute, so the store never depends on the cwd."""
+    return f"sqlite:///{(Path(out_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+def default_artifact_root(tracking_uri: str) -> Path | None:
+    """`<dir of the SQLite file>/mlartifacts` for a local store; None (server decides) else."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    return None
+
+
+def runs_url(server: str, experiment_id: str) -> str:
+    """UI link that opens the runs table (the UI's default GenAI view hides it)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: MLflow params are flat strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _key(k: Any) -> str:
+    """A valid MLflow param/metric name: letters, digits, `_-. :/` only, at most 250 chars."""
+    return re.sub(r"[^\w.\- :/]", "_", str(k))[:250]
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, tuple, dict, bool)) or v is None else str(v)
+    return s[:_PARAM_CHARS]
+
+
+def _number(v: Any) -> float | None:
+    """A metric value, or None for what MLflow cannot plot (strings, None, arrays)."""
+    if isinstance(v, (bool, int, float, np.generic)):
+        return float(v)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return float(v.item())
+    if callable(getattr(v, "numel", None)) and v.numel() == 1:
+        return float(v.item())  # a one-element torch tensor (torch is not imported here)
+    return None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _flag(b: bool) -> str:
+    return "true" if b else "false"
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "\\'") + "'"
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions without importing the packages (importing ray costs about a second)."""
+    out = {}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[TAG_VERSION_PREFIX + pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _use_wal(db: Path) -> None:
+    """Put a SQLite file in WAL mode (a persistent property of the file).
+
+    MLflow commits every logging call separately, and in the default rollback-journal mode each
+    commit costs several fsyncs (about 20 ms on a VM disk, so 0.1 s per trial); in WAL mode one
+    cheap append (about 4 ms). Readers such as `mlflow server` on the same host keep working and
+    no longer block the writer. WAL needs shared memory, so it is unsafe for a database on a
+    network file system: pass sqlite_wal=False there (or use a tracking server).
+    """
+    with contextlib.closing(sqlite3.connect(db, timeout=20)) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+class Tracker:
+    """Driver-side MLflow writer and reader of one study's experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None,
+                 study: str | None = None, sqlite_wal: bool = True,
+                 create: bool = True) -> None:
+        """Get or create the experiment `experiment` (one per study).
+
+        `artifact_root` defaults to `mlartifacts` beside a SQLite file; giving the experiment an
+        explicit location is what keeps artifacts out of the current directory. `sqlite_wal`
+        switches a local SQLite store to write-ahead logging (see `_use_wal`). With
+        `create=False` (readers: report, export) nothing is created or changed, and
+        `experiment_id` is None when the experiment does not exist.
+        """
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.study = study or experiment
+        root = artifact_root if artifact_root is not None else default_artifact_root(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment = experiment
+        self.experiment_id: str | None = None
+        self._children: dict[str, dict[int, str]] = {}  # parent id -> {trial number: run id}
+        if not create:
+            if exp is not None and exp.lifecycle_stage == "active":
+                self.experiment_id = exp.experiment_id
+            return
+        if exp is None:
+            location = Path(root).expanduser().resolve().as_uri() if root is not None else None
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, location)
+            except MlflowException:  # created meanwhile by another driver
+                exp = self.client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+                self.experiment_id = exp.experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+        if sqlite_wal and tracking_uri.startswith("sqlite:///"):
+            _use_wal(Path(tracking_uri.removeprefix("sqlite:///")))
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def _exp(self) -> str:
+        if self.experiment_id is None:
+            raise RuntimeError(f"experiment {self.experiment!r} was opened read-only (create=False)"
+                               " and does not exist")
+        return self.experiment_id
+
+    def _log(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+             tags: Sequence[RunTag] = ()) -> None:
+        """log_batch within MLflow's per-request limits (usually a single call)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            p, params = params[:_BATCH_PARAMS], params[_BATCH_PARAMS:]
+            t, tags = tags[:_BATCH_PARAMS], tags[_BATCH_PARAMS:]
+            m, metrics = metrics[:_BATCH_ENTITIES - len(p) - len(t)], \
+                metrics[_BATCH_ENTITIES - len(p) - len(t):]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t, synchronous=True)
+
+    def start_search(self, config: Mapping[str, Any], budget: str, dense: Mapping[str, Any],
+                     parent_run_id: str | None = None, run_name: str | None = None) -> str:
+        """Open the parent run of a search and return its id.
+
+        With `parent_run_id` (a resumed search) the existing run is checked and set RUNNING
+        again; its params are immutable in MLflow, so nothing else is re-logged.
+        """
+        if parent_run_id is not None:
+            try:
+                run = self.client.get_run(parent_run_id)
+            except MlflowException as e:
+                raise ValueError(f"no MLflow run {parent_run_id} to resume") from e
+            if run.info.experiment_id != self._exp():
+                raise ValueError(f"run {parent_run_id} is not in experiment {self.experiment}")
+            self.client.update_run(parent_run_id, status="RUNNING")
+            return parent_run_id
+        tags = {TAG_ROLE: ROLE_SEARCH, TAG_STUDY: self.study, TAG_BUDGET: budget, **_versions()}
+        run = self.client.create_run(self._exp(), start_time=_now_ms(), tags=tags,
+                                     run_name=run_name or f"search-{self.study}")
+        rid = run.info.run_id
+        params = {**flatten(config), "budget": budget}
+        ts = _now_ms()
+        metrics = [Metric(DENSE_PREFIX + k, _number(dense[k]), ts, 0)
+                   for k in (VAL_ACC, TEST_ACC, FLOPS, PARAMS)
+                   if k in dense and _number(dense[k]) is not None]
+        self._log(rid, metrics, [Param(_key(k), _param_str(v)) for k, v in params.items()])
+        plain = json.loads(json.dumps(dict(config), default=str))  # YAML-safe copy
+        self.client.log_text(rid, yaml.safe_dump(plain, sort_keys=False), ART_CONFIG)
+        self._children[rid] = {}
+        return rid
+
+    def _child_map(self, parent_id: str) -> dict[int, str]:
+        """Trial number -> child run id, read once per parent (resume safety)."""
+        if parent_id not in self._children:
+            found: dict[int, str] = {}
+            for run in self._search(f"tags.`{TAG_PARENT}` = {_quote(parent_id)}"):
+                trial = run.data.tags.get(TAG_TRIAL)
+                if trial is not None and trial.lstrip("-").isdigit():
+                    found.setdefault(int(trial), run.info.run_id)
+            self._children[parent_id] = found
+        return self._children[parent_id]
+
+    def log_trial(self, parent_id: str, trial_number: int, method: str, params: Mapping[str, Any],
+                  metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
+                  layer_sparsity: Mapping[str, float] | None = None, status: str = "FINISHED",
+                  error: str | None = None) -> str:
+        """Record one trial as a child run of `parent_id`; return the child's run id.
+
+        Idempotent per (parent, trial_number): a second call updates the same run. Params that
+        already exist are not re-logged (MLflow params are immutable; a changed value goes to a
+        tag `autoprune.param_changed.<key>`), and curve points already stored are skipped.
+        `history` records (epoch/step, loss, val_accuracy, phase, lr, ...) become metric curves
+        named `<phase>/<key>`, stepped by `step` or else by their position in the list.
+        """
+        if status not in TRIAL_STATUSES:
+            raise ValueError(f"trial status must be one of {TRIAL_STATUSES}, not {status!r}")
+        children = self._child_map(parent_id)
+        existing = children.get(trial_number)
+        tags = {TAG_PARENT: parent_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: str(trial_number),
+                TAG_METHOD: method, TAG_STUDY: self.study}
+        if error:
+            tail = error.strip()
+            if len(tail) > ERROR_TAG_CHARS:
+                tail = "..." + tail[-ERROR_TAG_CHARS + 3:]
+            tags[TAG_ERROR] = tail
+        all_params = {_key(k): v for k, v in {"method": method, **flatten(params)}.items()}
+        ts = _now_ms()
+        curves = self._curves(history, ts)
+        if existing is None:
+            run = self.client.create_run(self._exp(), start_time=ts, tags=tags,
+                                         run_name=f"trial-{trial_number:04d}-{method}")
+            rid = run.info.run_id
+            children[trial_number] = rid
+            new_params = {k: _param_str(v) for k, v in all_params.items()}
+            run_tags: dict[str, str] = {}
+        else:
+            rid = existing
+            old = self.client.get_run(rid).data
+            new_params = {}
+            for k, v in all_params.items():
+                s = _param_str(v)
+                if k not in old.params:
+                    new_params[k] = s
+                elif old.params[k] != s:
+                    tags[f"autoprune.param_changed.{k}"[:250]] = s[:_TAG_CHARS]
+            curves = self._new_points(rid, curves)
+            run_tags = tags
+            if not error and TAG_ERROR in old.tags:  # an earlier failed attempt now succeeded
+                self.client.delete_tag(rid, TAG_ERROR)
+            self.client.update_run(rid, status="RUNNING")
+        final = [Metric(_key(k), x, ts, 0) for k, v in metrics.items()
+                 if (x := _number(v)) is not None]
+        self._log(rid, final + curves, [Param(k, v) for k, v in new_params.items()],
+                  [RunTag(k, v) for k, v in run_tags.items()])
+        if layer_sparsity is not None:
+            self.client.log_dict(rid, {k: float(v) for k, v in layer_sparsity.items()},
+                                 ART_LAYER_SPARSITY)
+        if error:
+            self.client.log_text(rid, error, ART_ERROR)
+        self.client.set_terminated(rid, status=status, end_time=_now_ms())
+        return rid
+
+    @staticmethod
+    def _curves(history: Sequence[Mapping[str, Any]], ts: int) -> list[Metric]:
+        out = []
+        for i, rec in enumerate(history):
+            step = int(rec.get("step", i))
+            phase = str(rec.get("phase") or "train")
+            for k, v in rec.items():
+                if k in ("step", "epoch", "phase"):
+                    continue
+                x = _number(v)
+                if x is not None:
+                    out.append(Metric(_key(f"{phase}/{k}"), x, ts, step))
+            if "epoch" in rec and _number(rec["epoch"]) is not None:
+                out.append(Metric(_key(f"{phase}/epoch"), float(rec["epoch"]), ts, step))
+        return out
+
+    def _new_points(self, run_id: str, curves: list[Metric]) -> list[Metric]:
+        """Curve points whose (key, step) is not stored yet: a re-logged trial adds no repeats."""
+        keys = {m.key for m in curves}
+        seen = {(k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}
+        return [m for m in curves if (m.key, m.step) not in seen]
+
+    def finish_search(self, parent_id: str, points: Sequence[Mapping[str, Any]],
+                      budget_limits: Mapping[str, float], dense: Mapping[str, Any],
+                      status: str = "FINISHED") -> dict[str, Any]:
+        """Rank the trials, tag them, store the front table and plot, and end the parent run.
+
+        `points`: dicts with run_id, trial, method, val_accuracy, test_accuracy, flops_frac,
+        params_frac, feasible (extra scalar keys become extra table columns). A point without
+        run_id is matched to its child run by trial number. The front is taken among feasible
+        points only; the hypervolume is that front's, against pareto.DEFAULT_REF.
+        Returns {"front": [points, by flops_frac], "hypervolume": float}.
+        """
+        feasible = [p for p in points if p.get("feasible", True)]
+        on_front = {id(feasible[i]) for i in pareto.front(feasible, OBJECTIVES)}
+        front_pts = sorted((p for p in points if id(p) in on_front),
+                           key=lambda p: (float(p[FLOPS_FRAC]), -float(p[VAL_ACC])))
+        hv = pareto.hypervolume(front_pts)
+        children = self._child_map(parent_id)
+        tagged: set[str] = set()
+        for p in points:
+            rid = p.get("run_id") or children.get(int(p.get("trial", -1)))
+            if rid:
+                tagged.add(rid)
+                self._log(rid, tags=[RunTag(TAG_PARETO, _flag(id(p) in on_front)),
+                                     RunTag(TAG_FEASIBLE, _flag(bool(p.get("feasible", True))))])
+        runs = list(self._search(f"tags.`{TAG_PARENT}` = {_quote(parent_id)}"))
+        for r in runs:  # e.g. on the front of an earlier finish, now no longer a point
+            if r.info.run_id not in tagged and r.data.tags.get(TAG_PARETO) == "true":
+                self._log(r.info.run_id, tags=[RunTag(TAG_PARETO, "false")])
+        statuses = [r.info.status for r in runs]
+        counts = {HYPERVOLUME: hv, PARETO_SIZE: len(front_pts),
+                  TRIALS_COMPLETED: statuses.count("FINISHED"),
+                  TRIALS_FAILED: statuses.count("FAILED")}
+        self._log(parent_id, [Metric(k, float(v), _now_ms(), 0) for k, v in counts.items()])
+        columns = _columns(points)
+        rows = [_row(p, columns) for p in front_pts]
+        self.client.log_text(parent_id, _csv(rows, columns), ART_FRONT_CSV)
+        self.client.log_text(parent_id, json.dumps(rows, indent=2, default=str), ART_FRONT_JSON)
+        all_rows = [{**_row(p, columns), "pareto": id(p) in on_front} for p in points]
+        self.client.log_text(parent_id, _csv(all_rows, (*columns, "pareto")), ART_TRIALS_CSV)
+        self.client.log_figure(parent_id, pareto_figure(points, front_pts, budget_limits, dense),
+                               ART_PLOT)
+        self.client.set_terminated(parent_id, status=status, end_time=_now_ms())
+        return {"front": front_pts, HYPERVOLUME: hv}
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _search(self, filter_string: str, order_by: list[str] | None = None,
+                experiment_ids: list[str] | None = None) -> Iterable[Any]:
+        """All matching runs, following MLflow's pages."""
+        token = None
+        while True:
+            page = self.client.search_runs(experiment_ids or [self._exp()], filter_string,
+                                           ViewType.ACTIVE_ONLY, 1000, order_by, token)
+            yield from page
+            token = page.token
+            if not token:
+                return
+
+    def find_searches(self, study: str | None = None) -> list[Run]:
+        """Searches (parent runs, MLflow `Run`s) of `study` (default: this tracker's), newest
+        first, in any experiment of the store (the tag, not the experiment name, decides)."""
+        filt = (f"tags.`{TAG_ROLE}` = {_quote(ROLE_SEARCH)} and "
+                f"tags.`{TAG_STUDY}` = {_quote(study or self.study)}")
+        exp_ids = [e.experiment_id for e in self.client.search_experiments()]
+        return list(self._search(filt, ["attributes.start_time DESC"], exp_ids))
+
+    def latest_search(self, study: str | None = None) -> Run | None:
+        """The most recently started search of `study` (`.info.run_id`, `.data.metrics`), or
+        None."""
+        found = self.find_searches(study)
+        return found[0] if found else None
+
+    def front_of(self, parent_id: str) -> list[dict[str, Any]]:
+        """Trials of a search tagged on the front: run_id, trial, method, status, their metrics
+        (flat, as logged) and `params` (the method's sampled hyperparameters, as strings);
+        sorted by flops_frac."""
+        parent = self.client.get_run(parent_id)
+        filt = (f"tags.`{TAG_PARENT}` = {_quote(parent_id)} and "
+                f"tags.`{TAG_PARETO}` = 'true'")
+        out = []
+        for r in self._search(filt, experiment_ids=[parent.info.experiment_id]):
+            out.append({"run_id": r.info.run_id, "trial": int(r.data.tags[TAG_TRIAL]),
+                        "method": r.data.tags.get(TAG_METHOD), "status": r.info.status,
+                        "artifact_uri": r.info.artifact_uri,
+                        **{k: v for k, v in r.data.metrics.items() if "/" not in k},
+                        "params": dict(r.data.params)})
+        return sorted(out, key=lambda p: (p.get(FLOPS_FRAC, math.inf), -p.get(VAL_ACC, 0.0)))
+
+
+def _columns(points: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """POINT_COLUMNS, then any other keys the points carry (sorted, for stable tables)."""
+    extra = sorted({k for p in points for k in p} - set(POINT_COLUMNS))
+    return (*POINT_COLUMNS, *extra)
+
+
+def _row(p: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """A table row: nested values (hyperparameter dicts) as JSON text."""
+    return {c: json.dumps(v, default=str) if isinstance(v := p.get(c), (dict, list, tuple))
+            else v for c in columns}
+
+
+def _csv(rows: list[dict[str, Any]], columns: Sequence[str] = POINT_COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def pareto_figure(points: Sequence[Mapping[str, Any]], front_pts: Sequence[Mapping[str, Any]],
+                  budget_limits: Mapping[str, float], dense: Mapping[str, Any]) -> Any:
+    """Validation accuracy against FLOPs and params fractions: every trial grey, the front in
+    red, joined per panel by the staircase of that projection's front, the dense model as a star
+    (at cost 1.0), budget limits as dashed lines.
+
+    Built on `matplotlib.figure.Figure` (Agg canvas), not pyplot: no global backend or figure
+    state, so it is safe in a driver that also runs other code.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    dense_acc = _number(dense.get(VAL_ACC))
+    for ax, key, budget_key, label in ((axes[0], FLOPS_FRAC, "flops", "FLOPs fraction"),
+                                       (axes[1], PARAMS_FRAC, "params", "params fraction")):
+        def xy(pts: Iterable[Mapping[str, Any]], k: str = key) -> tuple[list, list]:
+            ok = [p for p in pts if _number(p.get(k)) is not None
+                  and _number(p.get(VAL_ACC)) is not None]
+            return [float(p[k]) for p in ok], [float(p[VAL_ACC]) for p in ok]
+
+        ax.scatter(*xy(points), s=18, color="0.7", label="trials", zorder=1)
+        ax.scatter(*xy(front_pts), s=36, color="tab:red", label="Pareto front", zorder=3)
+        # the line joins the front of this projection only (3-D front points need not be
+        # monotone in one cost), as a staircase: the best accuracy reachable at each cost
+        feasible = [p for p in points if p.get("feasible", True)]
+        stair = [feasible[i] for i in pareto.front(feasible, ((VAL_ACC, "max"), (key, "min")))]
+        sx, sy = xy(sorted(stair, key=lambda p: float(p[key])))
+        ax.plot(sx, sy, drawstyle="steps-post", color="tab:red", lw=1.2, zorder=2)
+        if dense_acc is not None:
+            ax.scatter([1.0], [dense_acc], marker="*", s=160, color="black", label="dense",
+                       zorder=4)
+        if budget_key in budget_limits:
+            ax.axvline(float(budget_limits[budget_key]), ls="--", color="tab:blue",
+                       label=f"budget {budget_key}={float(budget_limits[budget_key]):g}")
+        ax.set_xlabel(label)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("validation accuracy")
+    fig.suptitle("accuracy vs cost (front: feasible, non-dominated in accuracy/FLOPs/params)")
+    return fig

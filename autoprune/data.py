@@ -86,7 +86,7 @@ class TensorData:
         return TensorData(self.info, **t)
 
     def subset(self, train: int | None = None, test: int | None = None) -> TensorData:
-        """The first `train`/`test` examples (already shuffled by the split): for tests and smoke runs."""
+        """The first `train`/`test` examples (shuffled by the split): tests and smoke runs."""
         return TensorData(self.info, self.train_x[:train], self.train_y[:train], self.val_x,
                           self.val_y, self.test_x[:test], self.test_y[:test])
 

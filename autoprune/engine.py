@@ -22,7 +22,7 @@ from .errors import TrainingDiverged, UserError
 
 @dataclass
 class Recipe:
-    """How to train: optimiser, schedule, epochs. Studies give one for dense and one for fine-tune."""
+    """How to train: optimiser, schedule, epochs (a study has one per phase)."""
 
     epochs: float = 10  # fractions allowed (e.g. 0.5 epoch) for quick runs
     optimizer: str = "sgd"  # sgd | adam

@@ -80,12 +80,15 @@ class ChannelGraph:
         return out
 
     def effective_masks(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Nonzero pattern of every parameter after removing dead channels (bool, on CPU).
+        """Which entries of every parameter the pruned model still has (bool, on CPU).
 
-        Dead channels take their producers' slices and the consumers' matching inputs with them:
-        that is what the compacted model would no longer compute.
+        A zero in a prunable layer's weight is pruned; a zero elsewhere (a BatchNorm beta at
+        initialisation, say) is just a value. Dead channels take their producers' slices and the
+        consumers' matching inputs with them: that is what the compacted model no longer has.
         """
-        eff = {n: (p != 0).cpu() for n, p in params.items()}
+        weights = {f"{n}.weight" for n in self.layers}
+        eff = {n: (p != 0).cpu() if n in weights else torch.ones(p.shape, dtype=torch.bool)
+               for n, p in params.items()}
         dead = self.dead_channels(params)
         for g in self.groups:
             d = dead[g.root]

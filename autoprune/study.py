@@ -28,7 +28,7 @@ class Study:
     model: str
     dataset: str
     dense: Recipe
-    prune: Recipe  # optimiser/lr/batch of each method's own phase (its length comes from the method)
+    prune: Recipe  # optimiser/lr/batch of a method's own phase (the method sets its length)
     finetune: Recipe
     space: str = "default"
     budget: str = "flops=0.4"

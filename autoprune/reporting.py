@@ -1,0 +1,106 @@
+"""Reading results back: `autoprune report` (the front, from MLflow) and `autoprune ui`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _tracker(out: str | Path, study: str, tracking_uri: str | None):
+    from .tracking import Tracker, default_tracking_uri
+
+    out = Path(out).expanduser().resolve()
+    uri = tracking_uri or default_tracking_uri(out)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no tracking store at {uri}: run `autoprune search --out {out}` first")
+    return Tracker(uri, study, out / "mlartifacts", create=False)
+
+
+def report(out: str | Path, study: str, tracking_uri: str | None = None) -> dict:
+    """The Pareto front of the latest search of `study`, as recorded in MLflow."""
+    tracker = _tracker(out, study, tracking_uri)
+    parent = tracker.latest_search(study)
+    if parent is None:
+        raise UserError(f"no search of study '{study}' is recorded in {tracker.tracking_uri}")
+    return {"study": study, "parent_run_id": parent.info.run_id,
+            "status": parent.info.status, "metrics": dict(parent.data.metrics),
+            "pareto": tracker.front_of(parent.info.run_id)}
+
+
+def ui_url(host: str, port: int, experiment_id: str | None = None) -> str:
+    """The URL that opens the runs table in 'Model training' mode (see STACK_NOTES.md)."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    base = f"http://{shown}:{port}/"
+    if experiment_id:
+        return f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return base
+
+
+def start_ui_server(backend_uri: str, artifact_root: str | None, host: str, port: int):
+    """Start `mlflow server` as a child process (127.0.0.1 unless told otherwise)."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    if artifact_root:
+        cmd += ["--artifacts-destination", artifact_root]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_healthy(host: str, port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raw = proc.stderr.read() if proc.stderr else b""
+            err = raw.decode(errors="replace").strip().splitlines()
+            raise UserError(f"the MLflow server exited: {err[-1] if err else 'no message'}")
+        try:
+            with urllib.request.urlopen(f"http://{shown}:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise UserError(f"the MLflow server did not answer on {shown}:{port} within {timeout:.0f} s")
+
+
+def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
+             tracking_uri: str | None = None, study: str | None = None) -> int:
+    """Serve the MLflow UI on the search's tracking store until interrupted."""
+    from .tracking import default_tracking_uri
+
+    out = Path(out).expanduser().resolve()
+    uri = tracking_uri or default_tracking_uri(out)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no tracking store at {uri}: run `autoprune search --out {out}` first")
+    if uri.startswith("http"):
+        raise UserError(f"{uri} is already a tracking server: open it in a browser")
+    experiment_id = None
+    if study:
+        import mlflow
+
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(study)
+        experiment_id = exp.experiment_id if exp else None
+    proc = start_ui_server(uri, str(out / "mlartifacts"), host, port)
+    try:
+        wait_healthy(host, port, proc)
+        print(f"MLflow UI: {ui_url(host, port, experiment_id)}  (Ctrl-C to stop)", flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print("warning: the UI is reachable from other machines and has no authentication",
+                  file=sys.stderr)
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0

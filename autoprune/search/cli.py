@@ -1,0 +1,139 @@
+"""CLI commands of the search side: `search`, `report`, `ui` (export lives in export.py's CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UserError
+
+
+def _log(quiet: bool):
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+    return log
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .orchestrator import SearchOptions, parse_duration, print_front, search
+
+    opts = SearchOptions(
+        study=args.study, space=args.space, budget=args.budget, trials=args.trials,
+        time_limit=parse_duration(args.time_limit), workers=args.workers,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, out=args.out,
+        data_root=args.data_root, ray_address=args.ray_address,
+        tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
+        resume=args.resume, dense_checkpoint=args.dense_checkpoint)
+    summary = search(opts, log=_log(args.json))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_front(summary)
+        print(f"\nMLflow: autoprune ui --out {args.out}   "
+              f"(tracking store {summary['tracking_uri']})")
+    if summary["interrupted"]:
+        print(f"search interrupted; resume with: {summary['resume_hint']}", file=sys.stderr)
+        return 130
+    if summary["trials_completed"] == 0 and summary["trials_failed"] > 0:
+        print(f"autoprune: every trial failed ({summary['trials_failed']}); see the MLflow runs "
+              f"for their errors", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..reporting import report
+
+    rows = report(args.out, args.study, tracking_uri=args.tracking_uri)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}  run")
+    for r in rows["pareto"]:
+        print(f"{r.get('trial', '-')!s:>5} {r.get('method', '-'):<12} "
+              f"{r.get('val_accuracy', float('nan')):>7.4f} "
+              f"{r.get('test_accuracy', float('nan')):>7.4f} {r.get('flops_frac'):>7.4f} "
+              f"{r.get('params_frac'):>7.4f}  {r.get('run_id', '')}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ..reporting import serve_ui
+
+    return serve_ui(args.out, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
+                    study=args.study)
+
+
+def add_commands(sub, common) -> None:
+    p = sub.add_parser("search", help="search pruning methods, per-layer sparsity and "
+                                      "hyperparameters under a budget (Ray Tune + Optuna)")
+    common(p)
+    p.add_argument("--space", default=None, help="search space YAML (default: the study's)")
+    p.add_argument("--budget", default=None,
+                   help="e.g. flops=0.4, params=0.02 or flops=0.4,params=0.3 "
+                        "(default: the study's)")
+    p.add_argument("--trials", type=_positive_int, default=None,
+                   help="total number of trials (default: the study's)")
+    p.add_argument("--time-limit", default=None, help="stop starting trials after e.g. 30m")
+    p.add_argument("--workers", type=_positive_int, default=2, help="concurrent trials")
+    p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=_positive_float, default=0.0,
+                   help="GPUs per trial, fractions allowed (e.g. 0.5)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    p.add_argument("--scheduler", choices=["none", "asha"], default="none",
+                   help="asha stops weak trials early (told to Optuna as pruned)")
+    p.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster (ADDR or auto) instead of starting one")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    p.add_argument("--optuna-storage", default=None,
+                   help="Optuna RDB URL (default: sqlite:///<out>/<study>/optuna.db)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study's search in --out (after a crash, or to extend "
+                        "it with a larger --trials)")
+    p.add_argument("--dense-checkpoint", default=None,
+                   help="start from this dense checkpoint instead of training one")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="print the Pareto front of the latest search from MLflow")
+    p.add_argument("--out", default="autoprune-runs")
+    p.add_argument("--study", default="digits-lenet")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
+    p.add_argument("--out", default="autoprune-runs")
+    p.add_argument("--study", default=None, help="open this study's runs directly")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the store to "
+                        "everyone who can reach this machine)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+
+__all__ = ["add_commands", "UserError"]

@@ -1,0 +1,360 @@
+"""The search: Ray Tune runs trials, Optuna proposes them, the driver records them in MLflow.
+
+The Optuna study (SQLite in the study folder, or an RDB URL) is the source of truth for what
+has been tried: resuming a search means loading it, failing the trials that were left RUNNING by a
+dead driver, and running only the trials still missing. Tune's own experiment state is not
+restored (its resume path loses multi-objective results, see STACK_NOTES.md). MLflow holds the
+same trials as child runs of one parent run per study folder, keyed by the Optuna trial number,
+so nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..budget import Budget
+from ..errors import UserError
+from ..paths import SPACES_DIR, resolve_yaml
+from ..pipeline import Workbench
+from ..study import Study, load_study
+from .projection import CostTable, min_reachable
+from .space import SearchSpace
+from .trial import TrialContext
+
+OBJECTIVES = ["val_accuracy", "flops_frac", "params_frac"]
+MODES = ["max", "min", "min"]
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass
+class SearchOptions:
+    study: str = "digits-lenet"
+    space: str | None = None
+    budget: str | None = None
+    trials: int | None = None
+    time_limit: float | None = None  # seconds
+    workers: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    sampler: str = "tpe"
+    scheduler: str = "none"
+    seed: int = 0
+    out: str = "autoprune-runs"
+    data_root: str | None = None
+    ray_address: str | None = None
+    tracking_uri: str | None = None
+    optuna_storage: str | None = None
+    resume: bool = False
+    dense_checkpoint: str | None = None
+    max_failures: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'30m', '2h', '90s', '45' (seconds) -> seconds."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise UserError(f"--time-limit '{text}' is not a duration like 90s, 30m or 2h") from None
+    if not value > 0:
+        raise UserError(f"--time-limit must be positive, got '{text}'")
+    return value
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=5)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UserError(f"unknown sampler '{name}'; choose tpe, nsga2 or random")
+
+
+def _space_path(opts: SearchOptions, study: Study) -> Path:
+    name = opts.space or study.space
+    path = resolve_yaml(name, SPACES_DIR)
+    if path is None:
+        raise UserError(f"search space '{name}' not found (a .yaml path or one of "
+                        f"{', '.join(p.stem for p in sorted(SPACES_DIR.glob('*.yaml')))})")
+    return path
+
+
+class StudyLock:
+    """One search per study folder at a time: a second process gets a clear refusal."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> StudyLock:
+        self._fh = open(self.path, "a+")  # noqa: SIM115 - held for the whole search
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise UserError(f"another autoprune search is running on {self.path.parent}; "
+                            f"wait for it or use another --out") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+
+
+def _check_budget_reachable(wb: Workbench, budget: Budget, max_sparsity: float) -> None:
+    reach = min_reachable(CostTable.from_accountant(wb.accountant), "weight", max_sparsity)
+    for key, limit in budget.limits.items():
+        if reach[key] > limit:
+            raise UserError(f"budget {key}={limit:g} is below what the space can reach on "
+                            f"{wb.study.model} (smallest {key} fraction {reach[key]:.4f} at "
+                            f"max_sparsity {max_sparsity:g})")
+
+
+def _prepare_optuna(storage_url: str, name: str, sampler, resume: bool) -> optuna.Study:
+    """Load or create the study; on resume, fail trials a dead driver left RUNNING."""
+    storage = optuna.storages.RDBStorage(storage_url)
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name in existing and existing[name].n_trials > 0 and not resume:
+        raise UserError(f"the study folder already holds a search of {existing[name].n_trials} "
+                        f"trials; pass --resume to continue it, or another --out")
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                directions=["maximize", "minimize", "minimize"],
+                                load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards the budgeted number: completed or pruned (not failed)."""
+    return len(study.get_trials(deepcopy=False,
+                                states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run (or resume) a search; return the summary that `--json` prints."""
+    from ray import tune
+
+    from ..tracking import Tracker, default_tracking_uri
+    from .callbacks import ProgressCallback, TrackingCallback
+    from .searcher import PruningSearch
+    from .trial import run_trial
+
+    study = load_study(opts.study)
+    budget = Budget.parse(opts.budget or study.budget)
+    space_path = _space_path(opts, study)
+    space = SearchSpace.load(space_path)
+    trials = opts.trials or study.trials
+    if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
+        raise UserError("--trials and --workers must be >= 1, --cpus-per-trial > 0, "
+                        "--gpus-per-trial >= 0")
+    if opts.scheduler not in ("none", "asha"):
+        raise UserError(f"unknown scheduler '{opts.scheduler}'; choose none or asha")
+    sampler = make_sampler(opts.sampler, opts.seed)
+    out = Path(opts.out).expanduser().resolve()
+    study_dir = out / study.name
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        probe = study_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror}") from None
+
+    with StudyLock(study_dir):
+        storage_url = opts.optuna_storage or f"sqlite:///{study_dir / 'optuna.db'}"
+        ot_study = _prepare_optuna(storage_url, study.name, sampler, opts.resume)
+        done = finished_count(ot_study)
+        remaining = max(0, trials - done)
+
+        wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
+                            checkpoint=opts.dense_checkpoint, log=log)
+        _check_budget_reachable(wb, budget, space.max_sparsity)
+        dense = {"val_accuracy": wb.dense["val_accuracy"],
+                 "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
+                 "params": wb.dense["params"]}
+        log(f"dense baseline of {study.name}: val {dense['val_accuracy']:.4f}, "
+            f"test {dense['test_accuracy']:.4f}, {dense['flops'] / 1e6:.3f} M MACs, "
+            f"{dense['params']:,} params")
+
+        tracking_uri = opts.tracking_uri or default_tracking_uri(out)
+        tracker = Tracker(tracking_uri, study.name, out / "mlartifacts")
+        config_record = {"study": study.name, "study_file": study.source,
+                         "space": str(space_path), "budget": str(budget), "trials": trials,
+                         "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
+                         "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
+                         "scheduler": opts.scheduler, "seed": opts.seed,
+                         "optuna_storage": storage_url, "model": study.model,
+                         "dataset": study.dataset}
+        parent = ot_study.user_attrs.get(PARENT_ATTR) if opts.resume else None
+        parent_id = tracker.start_search(config_record, str(budget), dense, parent_run_id=parent)
+        ot_study.set_user_attr(PARENT_ATTR, parent_id)
+        if done:
+            log(f"resuming: {done} trials already finished, {remaining} to go")
+
+        status = "FINISHED"
+        interrupted = False
+        progress = ProgressCallback(total=trials, done_before=done, budget=budget, log=log)
+        if remaining > 0:
+            _init_ray(opts, log)
+            ctx = TrialContext(study=study.source, space=str(space_path), out=str(out),
+                               study_dir=str(study_dir), budget=str(budget),
+                               data_root=opts.data_root, seed=opts.seed,
+                               cpus=opts.cpus_per_trial, checkpoint=opts.dense_checkpoint)
+            layers = wb.layers
+            searcher = PruningSearch(space=lambda t: space.suggest(t, layers),
+                                     metric=OBJECTIVES, mode=MODES, sampler=sampler,
+                                     storage=optuna.storages.RDBStorage(storage_url),
+                                     study_name=study.name, seed=opts.seed)
+            scheduler = None
+            if opts.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1,
+                                          reduction_factor=2)
+            resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+            trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+            tracking_cb = TrackingCallback(tracker, parent_id)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                            num_samples=remaining,
+                                            max_concurrent_trials=opts.workers,
+                                            reuse_actors=True, time_budget_s=opts.time_limit),
+                run_config=tune.RunConfig(
+                    name=f"tune-{int(time.time())}", storage_path=str(study_dir / "tune"),
+                    callbacks=[tracking_cb, progress], verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+            )
+            try:
+                tuner.fit()
+            except KeyboardInterrupt:
+                interrupted = True
+            if progress.interrupted:
+                interrupted = True
+            if interrupted:
+                status = "KILLED"
+
+        summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
+                            status=status)
+        summary["resume_hint"] = (f"autoprune search --study {opts.study} --out {opts.out} "
+                                  f"--resume") if interrupted else None
+        summary["interrupted"] = interrupted
+        summary["parent_run_id"] = parent_id
+        summary["tracking_uri"] = tracking_uri
+        return summary
+
+
+def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        _check_gpus(opts)
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if opts.ray_address:
+        try:
+            ray.init(address=opts.ray_address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot join the Ray cluster at {opts.ray_address}: "
+                            f"{str(exc).splitlines()[0]}") from None
+    else:
+        num_gpus = None
+        ray.init(num_cpus=os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=True, logging_level="warning")
+    log(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+    _check_gpus(opts)
+
+
+def _check_gpus(opts: SearchOptions) -> None:
+    import ray
+
+    if opts.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) < opts.gpus_per_trial:
+        raise UserError(f"--gpus-per-trial {opts.gpus_per_trial:g} asked, but the Ray cluster "
+                        f"has {ray.cluster_resources().get('GPU', 0):g} GPUs")
+
+
+def trial_points(ot_study: optuna.Study) -> list[dict]:
+    """Finished trials as points for the Pareto front, read back from the Optuna study."""
+    points = []
+    for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        cons = t.system_attrs.get("constraints")
+        violation = max(cons) if cons else t.user_attrs.get("budget_violation", 0.0)
+        points.append({"trial": t.number, "method": t.user_attrs.get("method"),
+                       "val_accuracy": t.values[0], "flops_frac": t.values[1],
+                       "params_frac": t.values[2],
+                       "test_accuracy": t.user_attrs.get("test_accuracy"),
+                       "compact_flops_frac": t.user_attrs.get("compact_flops_frac"),
+                       "run_id": t.user_attrs.get("run_id"),
+                       "checkpoint": t.user_attrs.get("checkpoint"),
+                       "hparams": t.user_attrs.get("hparams"),
+                       "feasible": violation <= 1e-12})
+    return points
+
+
+def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, dense: dict,
+              study_name: str, status: str = "FINISHED") -> dict:
+    from ..pareto import front
+
+    points = trial_points(ot_study)
+    tracker.finish_search(parent_id, points, budget.limits, dense, status=status)
+    feasible = [p for p in points if p["feasible"]]
+    idx = front(feasible) if feasible else []
+    pareto = sorted((feasible[i] for i in idx), key=lambda p: p["flops_frac"])
+    best = max(feasible, key=lambda p: p["val_accuracy"], default=None)
+    failed = len(ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    pruned = len(ot_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    return {"study": study_name, "budget": str(budget), "trials_completed": len(points),
+            "trials_feasible": len(feasible), "trials_pruned": pruned, "trials_failed": failed,
+            "dense": dense, "pareto": pareto, "best": best}
+
+
+def options_dict(opts: SearchOptions) -> dict:
+    return asdict(opts)
+
+
+def print_front(summary: dict, stream=sys.stdout) -> None:
+    d = summary["dense"]
+    print(f"\nPareto front of {summary['study']} (budget {summary['budget']}; "
+          f"{summary['trials_completed']} completed, {summary['trials_failed']} failed, "
+          f"{summary['trials_pruned']} stopped early)", file=stream)
+    print(f"dense: val {d['val_accuracy']:.4f} test {d['test_accuracy']:.4f}", file=stream)
+    header = (f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}"
+              "  hyperparameters")
+    print(header, file=stream)
+    for p in summary["pareto"]:
+        hp = json.loads(p["hparams"]) if p.get("hparams") else {}
+        hps = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in hp.items())
+        test = f"{p['test_accuracy']:.4f}" if p.get("test_accuracy") is not None else "-"
+        print(f"{p['trial']:>5} {p['method'] or '-':<12} {p['val_accuracy']:>7.4f} {test:>7} "
+              f"{p['flops_frac']:>7.4f} {p['params_frac']:>7.4f}  {hps}", file=stream)
+    if summary.get("best"):
+        b = summary["best"]
+        print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",
+              file=stream)
+    else:
+        print("no completed trial met the budget", file=stream)

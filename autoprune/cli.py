@@ -69,10 +69,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from . import api
     from .pruning import get_method
 
-    params = get_method(args.method).parse_set(args.set or [])
+    params = get_method(args.method).parse_set(args.set or [])  # refuse bad input first
+    from . import api
+
     m = api.prune(args.study, args.method, args.budget, params=params,
                   layer_sparsity=args.layer_sparsity, out=args.out, data_root=args.data_root,
                   seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download,
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         search_cli = None
     if search_cli is not None:
         search_cli.add_commands(sub, _common)
+    from .export import add_command as add_export
+
+    add_export(sub)
     return parser
 
 

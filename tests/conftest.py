@@ -36,3 +36,15 @@ def digits():
     from autoprune.data import load_dataset
 
     return load_dataset("digits", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level="warning")
+    yield ray
+    ray.shutdown()

@@ -301,8 +301,8 @@ def trial_points(ot_study: optuna.Study) -> list[dict]:
     """Finished trials as points for the Pareto front, read back from the Optuna study."""
     points = []
     for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        cons = t.system_attrs.get("constraints")
-        violation = max(cons) if cons else t.user_attrs.get("budget_violation", 0.0)
+        cons = t.constraints  # Optuna 5: {key: value}, feasible when every value <= 0
+        violation = max(cons.values()) if cons else t.user_attrs.get("budget_violation", 0.0)
         points.append({"trial": t.number, "method": t.user_attrs.get("method"),
                        "val_accuracy": t.values[0], "flops_frac": t.values[1],
                        "params_frac": t.values[2],

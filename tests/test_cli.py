@@ -1,0 +1,60 @@
+"""The command line: help everywhere, one-line errors with exit code 2, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from autoprune.cli import build_parser, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoprune", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["prune", "--method", "nope"], "unknown method 'nope'"),
+    (["prune", "--method", "magnitude", "--set", "bogus=1"], "no hyperparameter 'bogus'"),
+    (["prune", "--method", "magnitude", "--set", "ramp=7"], "must be in"),
+    (["prune", "--method", "magnitude", "--set", "ramp"], "key=value"),
+    (["prune", "--method", "magnitude", "--study", "no-such-study"], "unknown study"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    rc = main([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert fragment in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_studies_json_lists_the_builtin_studies():
+    proc = run_cli("studies", "--json")
+    assert proc.returncode == 0
+    names = {s["name"] for s in json.loads(proc.stdout)}
+    assert {"digits-lenet", "lenet300-mnist", "lenet5-mnist", "fashion-lenet5",
+            "resnet20-cifar10", "resnet56-cifar10", "vgg16-cifar10",
+            "resnet18-imagenet"} <= names
+
+
+def test_bad_study_file_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    rc = main(["prune", "--method", "magnitude", "--study", str(bad), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not valid YAML" in err
+    bad.write_text("model: lenet5\ndataset: mnist\nfoo: 1\n")
+    rc = main(["prune", "--method", "magnitude", "--study", str(bad), "--out", str(tmp_path)])
+    assert rc == 2 and "unknown key(s) foo" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -47,7 +48,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         data_root=args.data_root, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
         resume=args.resume, dense_checkpoint=args.dense_checkpoint)
-    summary = search(opts, log=_log(args.json))
+    # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = search(opts, log=_log(args.json))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -99,6 +99,17 @@ def _space_path(opts: SearchOptions, study: Study) -> Path:
     return path
 
 
+@dataclass
+class Suggest:
+    """The define-by-run space for Ray's OptunaSearch (a class, so Tune can pickle it)."""
+
+    space: SearchSpace
+    layers: list[str]
+
+    def __call__(self, trial: optuna.Trial) -> dict | None:
+        return self.space.suggest(trial, self.layers)
+
+
 class StudyLock:
     """One search per study folder at a time: a second process gets a clear refusal."""
 
@@ -223,7 +234,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
                                data_root=opts.data_root, seed=opts.seed,
                                cpus=opts.cpus_per_trial, checkpoint=opts.dense_checkpoint)
             layers = wb.layers
-            searcher = PruningSearch(space=lambda t: space.suggest(t, layers),
+            searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=OBJECTIVES, mode=MODES, sampler=sampler,
                                      storage=optuna.storages.RDBStorage(storage_url),
                                      study_name=study.name, seed=opts.seed)

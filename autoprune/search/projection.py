@@ -1,0 +1,210 @@
+"""From a sampled allocation to per-layer sparsities that meet a FLOPs/params budget: pure maths.
+
+The search samples *where* to prune (a relative preference per layer, `allocation`) and *how
+hard* (`target`, a fraction of the budget); this module turns the pair into exact per-layer
+sparsities. One global shift `s` moves every layer along its own sigmoid,
+
+    sparsity_l = clip(sigmoid(logit(a_l) + s), 0, cap_l),
+
+so the preferences keep their order and the budget is met by construction: bisection on `s`
+finds the least pruning whose cost is at most `target` times the budget. Trials therefore spend
+their time on accuracy, never on missing the budget.
+
+The cost model (`CostTable`, `fractions`) is the `Accountant`'s counting done on numbers instead
+of tensors, using the project's one rounding rule (`n_pruned`), so a prediction equals what
+`Accountant.count` measures on a model masked with `weight_masks` / `filter_masks`: bit for bit
+for filter pruning; for weight pruning too, unless a whole output row of a layer without bias or
+BatchNorm happens to die, which can only lower the real count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..flops import Accountant
+from ..pruning.base import n_pruned
+
+GRANULARITIES = ("weight", "filter")
+_BISECT_ITERS = 60
+_SHIFT_RANGE = 40.0  # sigmoid(logit(a) +- 40) is ~0 / ~1 for every a in [1e-6, 1 - 1e-6]
+_ALLOC_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What pruning one conv/linear layer can save."""
+
+    name: str
+    macs: int  # dense MACs
+    weights: int  # weight tensor numel
+    filters: int  # output channels (weight.shape[0])
+    in_cols: int  # weight.shape[1]: input channels (conv) or input features (linear)
+    extra_per_filter: int  # bias + BatchNorm gamma/beta entries that die with one filter
+    free: bool  # filters removable on their own (graph.free_layers())
+    prunable: bool  # in the table's prunable set (after the space's exclusions)
+    # free layers whose filters feed this layer's input columns: (producer, columns per channel)
+    inputs: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def kernel(self) -> int:
+        """Weights per (output row, input column) pair: kh*kw for convs, 1 for linear layers."""
+        return self.weights // (self.filters * self.in_cols)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Dense costs of every prunable layer, in the accountant's (forward) order."""
+
+    layers: dict[str, LayerCost]
+    fixed_macs: int
+    dense_macs: int
+    dense_params: int
+
+    @classmethod
+    def from_accountant(cls, acc: Accountant, layers: list[str] | None = None) -> CostTable:
+        """Read the costs off a traced dense model; `layers` limits which may be pruned."""
+        graph = acc.graph
+        prunable = set(graph.layers if layers is None else layers)
+        unknown = prunable - set(graph.layers)
+        if unknown:
+            raise ValueError(f"layers not in the model: {', '.join(sorted(unknown))}")
+        free = set(graph.free_layers())
+        weight_params = {f"{n}.weight" for n in graph.layers}
+        # Which free layer's filters feed which layer's input columns (a consumer slot).
+        inputs: dict[str, dict[str, int]] = {n: {} for n in graph.layers}
+        for g in graph.groups:
+            if len(g.layers) != 1 or g.layers[0] not in free:
+                continue  # coupled channels are never removed by filter pruning
+            producer = g.layers[0]
+            for slot in g.consumers:
+                consumer = slot.param.rsplit(".", 1)[0]
+                if slot.param not in weight_params or slot.dim != 1:
+                    continue
+                # flatten -> linear maps one channel to H*W columns; conv -> conv to one
+                per_channel = len(slot.target_idx) // g.size
+                inputs[consumer][producer] = inputs[consumer].get(producer, 0) + per_channel
+        table: dict[str, LayerCost] = {}
+        for name, module in graph.layers.items():
+            w = module.weight
+            group = graph.group_of[name]
+            extra = sum(len(s.target_idx) for s in group.producers
+                        if s.param not in weight_params) // group.size
+            table[name] = LayerCost(
+                name=name, macs=int(acc.layer_macs[name]), weights=w.numel(),
+                filters=int(w.shape[0]), in_cols=int(w.shape[1]) if w.dim() > 1 else 1,
+                extra_per_filter=int(extra), free=name in free, prunable=name in prunable,
+                inputs=tuple(inputs[name].items()))
+        return cls(table, int(acc.fixed_macs), int(acc.dense_macs), int(acc.dense_params))
+
+    def candidates(self, granularity: str) -> list[str]:
+        """Layers a granularity may prune: all prunable ones, or only free ones for filters."""
+        _check_granularity(granularity)
+        return [n for n, c in self.layers.items()
+                if c.prunable and (granularity == "weight" or c.free)]
+
+    def cap(self, layer: str, granularity: str, max_sparsity: float) -> float:
+        """Highest usable sparsity of a layer: max_sparsity, but at least one weight/filter kept."""
+        c = self.layers[layer]
+        n = c.weights if granularity == "weight" else c.filters
+        s = min(max_sparsity, (n - 1) / n)
+        while s > 0 and n_pruned(n, s) >= n:  # guard against round() landing on n
+            s -= 0.5 / n
+        return max(s, 0.0)
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def fractions(table: CostTable, sparsities: dict[str, float],
+              granularity: str) -> dict[str, float]:
+    """Kept FLOPs and params fractions of the dense model at these per-layer sparsities.
+
+    Mirrors `Accountant.count` operation for operation (same sums in the same order), so the
+    result is equal to the measurement, not merely close to it.
+    """
+    _check_granularity(granularity)
+    allowed = set(table.candidates(granularity))
+    bad = [n for n, s in sparsities.items() if s > 0 and n not in allowed]
+    if bad:
+        raise ValueError(f"{granularity} sparsity given for layer(s) it cannot prune: "
+                         f"{', '.join(sorted(bad))}")
+    macs = float(table.fixed_macs)
+    removed = 0  # parameters
+    if granularity == "weight":
+        for name, c in table.layers.items():
+            kept = c.weights - n_pruned(c.weights, sparsities.get(name, 0.0))
+            macs += c.macs * kept / c.weights
+            removed += c.weights - kept
+    else:
+        dead = {n: n_pruned(c.filters, sparsities.get(n, 0.0)) for n, c in table.layers.items()}
+        for name, c in table.layers.items():
+            rows = c.filters - dead[name]
+            cols = c.in_cols - sum(per * dead[p] for p, per in c.inputs)
+            kept = rows * cols * c.kernel
+            macs += c.macs * kept / c.weights
+            removed += c.weights - kept + dead[name] * c.extra_per_filter
+    return {"flops": macs / table.dense_macs,
+            "params": (table.dense_params - removed) / table.dense_params}
+
+
+def _logit(a: float) -> float:
+    a = min(max(float(a), _ALLOC_EPS), 1.0 - _ALLOC_EPS)
+    return math.log(a / (1.0 - a))
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def _ratio(fracs: dict[str, float], limits: dict[str, float]) -> float:
+    return max(fracs[k] / v for k, v in limits.items())
+
+
+def project(table: CostTable, allocation: dict[str, float], limits: dict[str, float],
+            target: float, granularity: str, max_sparsity: float = 0.99) -> dict[str, float]:
+    """Per-layer sparsities following `allocation` whose cost is just within target * limits.
+
+    Layers missing from `allocation`, not prunable in the table, or (for filter pruning) not
+    free stay dense and are left out of the result. If even the caps everywhere cannot reach the
+    target, the capped allocation is returned: check `min_reachable` first to refuse a budget.
+    """
+    _check_granularity(granularity)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    if not limits or any(k not in ("flops", "params") or not v > 0 for k, v in limits.items()):
+        raise ValueError(f"limits must map flops/params to positive fractions, got {limits}")
+    layers = [n for n in table.candidates(granularity) if n in allocation]
+    logits = {n: _logit(allocation[n]) for n in layers}
+    caps = {n: table.cap(n, granularity, max_sparsity) for n in layers}
+
+    def at(shift: float) -> dict[str, float]:
+        return {n: min(_sigmoid(logits[n] + shift), caps[n]) for n in layers}
+
+    def ok(shift: float) -> bool:
+        return _ratio(fractions(table, at(shift), granularity), limits) <= target
+
+    lo, hi = -_SHIFT_RANGE, _SHIFT_RANGE
+    if ok(lo):
+        return at(lo)
+    if not ok(hi):
+        return {n: caps[n] for n in layers}
+    for _ in range(_BISECT_ITERS):  # invariant: ok(hi) and not ok(lo)
+        mid = 0.5 * (lo + hi)
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)
+
+
+def min_reachable(table: CostTable, granularity: str,
+                  max_sparsity: float = 0.99) -> dict[str, float]:
+    """The smallest FLOPs and params fractions the space can reach: every candidate at its cap."""
+    caps = {n: table.cap(n, granularity, max_sparsity) for n in table.candidates(granularity)}
+    return fractions(table, caps, granularity)

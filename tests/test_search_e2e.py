@@ -1,0 +1,105 @@
+"""End-to-end searches on the digits study with a real local Ray, Optuna storage and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from autoprune.budget import Budget
+from autoprune.cli import main
+from autoprune.pareto import front
+from autoprune.search.orchestrator import SearchOptions, search
+
+TINY_SPACE = """
+methods:
+  magnitude:
+    gradual: {choices: [false, true]}
+    epochs: 1
+  admm:
+    rho: {low: 1.0e-4, high: 1.0e-2, log: true}
+    admm_iters: 2
+    epochs_per_iter: 0.5
+finetune:
+  epochs: 1
+sparsity:
+  target_floor: 0.6
+  allocation: {low: 0.05, high: 0.95}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_space(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_session, tmp_path_factory, tiny_space):
+    out = tmp_path_factory.mktemp("runs")
+    opts = SearchOptions(study="digits-lenet", space=tiny_space, budget="flops=0.4", trials=4,
+                         workers=2, out=str(out), seed=0)
+    return out, opts, search(opts)
+
+
+def test_search_meets_budget_and_front_is_non_dominated(finished_search):
+    out, opts, summary = finished_search
+    assert summary["trials_completed"] + summary["trials_failed"] + summary["trials_pruned"] == 4
+    assert summary["trials_completed"] >= 3
+    budget = Budget.parse("flops=0.4")
+    study = optuna.load_study(study_name="digits-lenet",
+                              storage=f"sqlite:///{out / 'digits-lenet' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in complete:  # every completed trial is within the budget by construction
+        assert budget.satisfied({"flops": t.values[1], "params": t.values[2]})
+    pts = summary["pareto"]
+    assert pts and all(p["feasible"] for p in pts)
+    assert sorted(front(pts)) == list(range(len(pts)))  # nothing on the front dominates another
+    assert summary["best"]["val_accuracy"] == max(p["val_accuracy"] for p in pts)
+
+
+def test_mlflow_has_parent_and_one_child_per_trial(finished_search):
+    out, _, summary = finished_search
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("digits-lenet")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    assert len(children) == 4
+    trials = sorted(int(r.data.tags["autoprune.trial"]) for r in children)
+    assert trials == [0, 1, 2, 3]
+    on_front = {int(r.data.tags["autoprune.trial"]) for r in children
+                if r.data.tags.get("autoprune.pareto") == "true"}
+    assert on_front == {p["trial"] for p in summary["pareto"]}
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert all("val_accuracy" in r.data.metrics and "flops_frac" in r.data.metrics
+               for r in finished)
+
+
+def test_resume_extends_without_repeating(finished_search, capsys):
+    out, opts, _ = finished_search
+    rc = main(["search", "--study", "digits-lenet", "--space", opts.space, "--budget",
+               "flops=0.4", "--trials", "5", "--out", str(out), "--resume", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    study = optuna.load_study(study_name="digits-lenet",
+                              storage=f"sqlite:///{out / 'digits-lenet' / 'optuna.db'}")
+    numbers = [t.number for t in study.trials]
+    assert numbers == sorted(set(numbers)) and len(numbers) == 5
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("digits-lenet")
+    parents = [r for r in client.search_runs([exp.experiment_id])
+               if r.data.tags.get("autoprune.role") == "search"]
+    assert len(parents) == 1  # the parent run is reused
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 5
+
+
+def test_second_search_without_resume_is_refused(finished_search, capsys):
+    out, opts, _ = finished_search
+    rc = main(["search", "--space", opts.space, "--out", str(out), "--trials", "2"])
+    assert rc == 2
+    assert "--resume" in capsys.readouterr().err

@@ -15,6 +15,24 @@ from collections.abc import Callable, Sequence
 from .errors import UserError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay off (verbose=0)
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def _quiet_libraries() -> None:
+    """Our progress lines are the output; the libraries' info chatter is not."""
+    import logging
+    import warnings
+
+    for name in ("optuna", "mlflow", "alembic", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*experimental feature.*")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
 
 
 def _log_to_stderr(quiet: bool) -> Callable[[str], None]:
@@ -136,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

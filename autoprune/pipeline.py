@@ -48,6 +48,7 @@ class Workbench:
                             seed=seed, device=device, download=download)
         if study.train_subset:
             data = data.subset(train=study.train_subset)
+        torch.manual_seed(seed)  # the dense model's initialisation is part of the study
         model = cls._build(study, data)
         record = dense_baseline(study, model, data, Path(out_dir) / "dense", seed=seed,
                                 checkpoint=checkpoint, log=log)

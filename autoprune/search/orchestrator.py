@@ -133,8 +133,11 @@ class StudyLock:
             self._fh.close()
 
 
-def _check_budget_reachable(wb: Workbench, budget: Budget, max_sparsity: float) -> None:
-    reach = min_reachable(CostTable.from_accountant(wb.accountant), "weight", max_sparsity)
+def _check_budget_reachable(wb: Workbench, budget: Budget, space: SearchSpace) -> None:
+    """Refuse, before any trial, a budget that even the finest granularity cannot reach."""
+    max_sparsity = space.max_sparsity
+    table = CostTable.from_accountant(wb.accountant, space.prunable(wb.layers))
+    reach = min_reachable(table, "weight", max_sparsity)
     for key, limit in budget.limits.items():
         if reach[key] > limit:
             raise UserError(f"budget {key}={limit:g} is below what the space can reach on "
@@ -201,7 +204,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
 
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
                             checkpoint=opts.dense_checkpoint, log=log)
-        _check_budget_reachable(wb, budget, space.max_sparsity)
+        _check_budget_reachable(wb, budget, space)
         dense = {"val_accuracy": wb.dense["val_accuracy"],
                  "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
                  "params": wb.dense["params"]}

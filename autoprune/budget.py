@@ -1,0 +1,79 @@
+"""The budget grammar: `flops=0.4`, `flops=0.4,params=0.3`, `params=1.4%`.
+
+A budget caps what fraction of the dense model's FLOPs (MACs) and/or parameters a pruned model may
+keep. It is parsed once, from user input, so every mistake becomes a one-line `UserError`; after
+that it is a plain value that the search, the trials and the export all check the same way.
+`violation` follows Optuna's constraint convention (<= 0 is feasible), so it can be handed to
+`trial.set_constraint` as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+KEYS = ("flops", "params")  # canonical order of `str(budget)`
+# Fractions are ratios of integers computed in floating point: a model sitting exactly on its
+# limit may land an ulp above it. `satisfied` forgives that much, never more.
+TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper limits on kept fractions, e.g. {"flops": 0.4}: keep at most 40 % of the MACs."""
+
+    limits: dict[str, float] = field(hash=False)
+
+    def __hash__(self) -> int:  # a frozen value should be usable as a key despite its dict
+        return hash(tuple(sorted(self.limits.items())))
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse 'key=value[,key=value]': keys flops/params, values in (0, 1] or (0, 100]%."""
+        if not isinstance(text, str):
+            raise UserError(f"a budget is a string like flops=0.4, got {type(text).__name__}")
+        if not text.strip():
+            raise UserError("empty budget: expected e.g. flops=0.4 or flops=0.4,params=0.3")
+        limits: dict[str, float] = {}
+        for item in text.split(","):
+            key, sep, raw = item.partition("=")
+            key, raw = key.strip().lower(), raw.strip()
+            if not sep or not key or not raw:
+                raise UserError(f"budget item {item.strip()!r} in {text.strip()!r} is not "
+                                f"key=value (e.g. flops=0.4)")
+            if key not in KEYS:
+                raise UserError(f"unknown budget key {key!r}; use {' or '.join(KEYS)}")
+            if key in limits:
+                raise UserError(f"budget key {key!r} given twice in {text.strip()!r}")
+            limits[key] = _parse_value(key, raw)
+        return cls({k: limits[k] for k in KEYS if k in limits})
+
+    def violation(self, fracs: dict[str, float]) -> float:
+        """max over limited keys of (fraction - limit): <= 0 means the budget is met."""
+        return max(float(fracs[k]) - v for k, v in self.limits.items())
+
+    def satisfied(self, fracs: dict[str, float]) -> bool:
+        return self.violation(fracs) <= TOLERANCE
+
+    def __str__(self) -> str:
+        # repr(float) is the shortest string that parses back to the same float: round-trips.
+        return ",".join(f"{k}={self.limits[k]!r}" for k in KEYS if k in self.limits)
+
+
+def _parse_value(key: str, raw: str) -> float:
+    percent = raw.endswith("%")
+    number = raw[:-1].strip() if percent else raw
+    try:
+        value = float(number)
+    except ValueError:
+        raise UserError(f"budget {key}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"budget {key}={raw!r} must be a finite number")
+    if percent:
+        value /= 100.0
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"budget {key}={raw!r} must be a fraction in (0, 1] (or a percentage in "
+                        f"(0, 100]%)")
+    return value

@@ -1,0 +1,309 @@
+"""Search spaces: strict validation, one-line messages, conditional Optuna sampling, decoding."""
+
+from __future__ import annotations
+
+import copy
+
+import optuna
+import pytest
+import yaml
+
+from autoprune.errors import UserError
+from autoprune.paths import SPACES_DIR
+from autoprune.pruning import load_all
+from autoprune.search.space import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+LENET = ["conv1", "conv2", "fc1", "fc2"]
+RESNET20 = ["conv1", *[f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range(3)
+                       for c in (1, 2)], "layer2.0.shortcut.0", "layer3.0.shortcut.0", "fc"]
+ALL_SIX = ("magnitude", "admm", "radmm", "l0", "adaptive_l1", "asfp")
+DOC_HPS = {  # hyperparameter names of METHODS.md that the built-in spaces must search
+    "magnitude": {"gradual", "epochs"},
+    "admm": {"rho", "rho_mult", "admm_iters", "epochs_per_iter", "granularity"},
+    "radmm": {"rho", "lam", "eps", "admm_iters", "epochs_per_iter"},
+    "l0": {"lam", "init_drop", "epochs", "granularity"},
+    "adaptive_l1": {"lam0", "filter_share", "epochs"},
+    "asfp": {"epochs", "asymptotic"},
+}
+
+BASE = {
+    "methods": {"magnitude": {"gradual": {"choices": [False, True]},
+                              "epochs": {"low": 0.5, "high": 2.0},
+                              "frequency": {"low": 2, "high": 20, "int": True},
+                              "ramp": 0.5}},
+    "finetune": {"lr": {"low": 0.005, "high": 0.1, "log": True}, "epochs": 3},
+    "sparsity": {"target_floor": 0.6, "allocation": {"low": 0.05, "high": 0.95},
+                 "max_sparsity": 0.98, "exclude": ["fc2$"]},
+}
+
+
+def with_(path: str, value, base: dict = BASE) -> dict:
+    """A copy of `base` with the dotted `path` set to `value` (None deletes it)."""
+    d = copy.deepcopy(base)
+    *parents, last = path.split(".")
+    node = d
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return d
+
+
+def require(*methods: str) -> None:
+    missing = [m for m in methods if m not in load_all()]
+    if missing:
+        pytest.skip(f"pruning method(s) not registered yet: {', '.join(missing)}")
+
+
+# -- validation --------------------------------------------------------------------------------
+BAD = [
+    (["not", "a", "mapping"], "must be a mapping with a 'methods' key"),
+    ({}, "methods: must be a non-empty mapping"),
+    ({"methods": {}}, "methods: must be a non-empty mapping"),
+    (with_("colour", "blue"), "colour: unknown top-level key"),
+    (with_("methods.nosuchmethod", {}), "methods.nosuchmethod: unknown method 'nosuchmethod'"),
+    (with_("methods.magnitude", [1, 2]), "methods.magnitude: must map hyperparameters"),
+    (with_("methods.magnitude.nosuch", 1),
+     "methods.magnitude.nosuch: method 'magnitude' has no hyperparameter 'nosuch'"),
+    (with_("methods.magnitude.ramp", {"low": 0.01, "high": 0.5}),
+     "methods.magnitude.ramp: magnitude.ramp must be in [0.05, 1.0], got 0.01"),
+    (with_("methods.magnitude.epochs", {"low": 2.0, "high": 1.0}), "low must be < high"),
+    (with_("methods.magnitude.epochs", {"low": 1.0, "high": 1.0}), "low must be < high"),
+    (with_("methods.magnitude.epochs", {"low": 1.0}), "a range needs both low and high"),
+    (with_("methods.magnitude.epochs", {"low": "a", "high": 2}), "epochs.low: must be a finite"),
+    (with_("methods.magnitude.epochs", {"lo": 1, "high": 2}), "unknown distribution key 'lo'"),
+    (with_("methods.magnitude.epochs", {"low": 0.0, "high": 2.0, "log": True}),
+     "a log range needs low > 0"),
+    (with_("methods.magnitude.epochs", {"low": 0.5, "high": 2.0, "log": "yes"}),
+     "epochs.log: must be true or false"),
+    (with_("methods.magnitude.gradual", "yes"), "magnitude.gradual expects bool, got 'yes'"),
+    (with_("methods.magnitude.gradual", {"low": 0, "high": 1}), "a float range for a bool"),
+    (with_("methods.magnitude.gradual", {"choices": []}), "choices must be a non-empty list"),
+    (with_("methods.magnitude.gradual", {"choices": [True, True]}), "duplicates"),
+    (with_("methods.magnitude.gradual", {"choices": [True], "low": 0}), "cannot be combined"),
+    (with_("methods.magnitude.frequency", {"low": 1.5, "high": 3}), "integer range"),
+    (with_("methods.magnitude.frequency", {"choices": [5, 0]}),
+     "magnitude.frequency must be in [1, 100000], got 0"),
+    (with_("finetune.lrr", 0.1), "finetune.lrr: unknown fine-tune recipe key"),
+    (with_("finetune.lr", "fast"), "finetune.lr: expects float, got 'fast'"),
+    (with_("finetune.batch_size", 12.5), "finetune.batch_size: expects int"),
+    (with_("finetune.optimizer", {"choices": ["sgd", "rmsprop"]}),
+     "recipe optimizer must be sgd or adam"),
+    (with_("finetune", [1]), "finetune: must be a mapping"),
+    (with_("sparsity", 3), "sparsity: must be a mapping"),
+    (with_("sparsity.floor", 0.5), "sparsity.floor: unknown key"),
+    (with_("sparsity.target_floor", 0.0), "sparsity.target_floor: must be in (0, 1]"),
+    (with_("sparsity.target_floor", "high"), "sparsity.target_floor: must be a finite number"),
+    (with_("sparsity.target_floor", float("nan")), "must be a finite number"),
+    (with_("sparsity.max_sparsity", 1.0), "sparsity.max_sparsity: must be in (0, 1)"),
+    (with_("sparsity.allocation", {"low": 0.0, "high": 0.5}), "values must lie in (0, 1)"),
+    (with_("sparsity.allocation", 1.5), "values must lie in (0, 1)"),
+    (with_("sparsity.allocation", {"choices": [0.1, 0.2]}), "must be {low, high} or a fixed"),
+    (with_("sparsity.exclude", ["fc("]), "sparsity.exclude: invalid regex 'fc('"),
+    (with_("sparsity.exclude", 3), "sparsity.exclude: must be a regex or a list"),
+    (with_("sparsity.groups", ["a"]), "sparsity.groups: must be a mapping"),
+    (with_("sparsity.groups", {"a/b": "conv"}), "group names use letters"),
+    (with_("sparsity.groups", {"stage": 7}), "sparsity.groups.stage: must be non-empty regex"),
+]
+
+
+@pytest.mark.parametrize("d, fragment", BAD)
+def test_bad_spaces_are_one_line_user_errors(d, fragment):
+    with pytest.raises(UserError) as info:
+        SearchSpace.from_dict(d, source="bad.yaml")
+    msg = str(info.value)
+    assert fragment in msg, msg
+    assert msg.startswith("bad.yaml") and "\n" not in msg
+
+
+def test_load_reports_file_problems(tmp_path):
+    with pytest.raises(UserError, match="cannot read search space"):
+        SearchSpace.load(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("methods:\n  magnitude: {gradual: [true\nsparsity: 1\n")
+    with pytest.raises(UserError) as info:
+        SearchSpace.load(broken)
+    assert str(info.value).startswith(f"{broken}: not valid YAML at line")
+    assert "\n" not in str(info.value)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("methods:\n  magnitude:\n    gradual: maybe\n")
+    with pytest.raises(UserError, match=r"wrong\.yaml: methods\.magnitude\.gradual: .*bool"):
+        SearchSpace.load(wrong)
+
+
+def test_defaults_and_parsed_values():
+    s = SearchSpace.from_dict({"methods": {"magnitude": None}})
+    assert s.methods == {"magnitude": {}}
+    assert (s.target_floor, s.max_sparsity, s.exclude, s.groups) == (0.6, 0.99, (), {})
+    assert (s.allocation.low, s.allocation.high) == (0.05, 0.95)
+    s = SearchSpace.from_dict(BASE)
+    mag = s.methods["magnitude"]
+    assert mag["frequency"].kind == "int" and mag["epochs"].kind == "float"
+    assert mag["gradual"].choices == (False, True) and mag["ramp"].value == 0.5
+    assert s.finetune["lr"].log and s.finetune["epochs"].value == 3
+
+
+def test_excluding_every_layer_is_refused():
+    s = SearchSpace.from_dict(with_("sparsity.exclude", ["conv", "fc"]), source="x.yaml")
+    trial = optuna.create_study().ask()
+    for call in (lambda: s.prunable(LENET), lambda: s.suggest(trial, LENET),
+                 lambda: s.decode({"method": "magnitude"}, LENET)):
+        with pytest.raises(UserError, match="x.yaml: sparsity.exclude: the patterns exclude"):
+            call()
+
+
+# -- Optuna --------------------------------------------------------------------------------------
+def test_suggest_and_decode_with_a_real_study():
+    s = SearchSpace.from_dict(BASE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    const = s.suggest(trial, LENET)
+    assert const == {"magnitude.ramp": 0.5, "finetune.epochs": 3}
+    p = trial.params
+    assert set(p) == {"method", "magnitude.gradual", "magnitude.epochs", "magnitude.frequency",
+                      "finetune.lr", "target", "alloc.conv1", "alloc.conv2", "alloc.fc1"}
+    assert 0.6 <= p["target"] <= 1.0 and 0.005 <= p["finetune.lr"] <= 0.1
+    assert all(0.05 <= p[f"alloc.{n}"] <= 0.95 for n in ("conv1", "conv2", "fc1"))
+    plan = s.decode({**p, **const, "optuna_trial": 0}, LENET)
+    assert plan.method == "magnitude" and plan.prunable == ["conv1", "conv2", "fc1"]
+    assert plan.params == {"gradual": p["magnitude.gradual"], "epochs": p["magnitude.epochs"],
+                           "frequency": p["magnitude.frequency"], "ramp": 0.5}
+    assert isinstance(plan.params["frequency"], int)
+    assert plan.finetune == {"lr": p["finetune.lr"], "epochs": 3}
+    assert plan.target == p["target"]
+    assert plan.allocation == {n: p[f"alloc.{n}"] for n in ("conv1", "conv2", "fc1")}
+    with pytest.raises(UserError, match="trial config lacks 'alloc.fc1'"):
+        s.decode({k: v for k, v in p.items() if k != "alloc.fc1"}, LENET)
+    with pytest.raises(UserError, match="method 'admm' is not in"):
+        s.decode({**p, "method": "admm"}, LENET)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_only_the_chosen_methods_hyperparameters_are_sampled():
+    require("admm")
+    d = with_("methods.admm", {"rho": {"low": 1e-4, "high": 1e-1, "log": True},
+                               "admm_iters": {"low": 2, "high": 6, "int": True},
+                               "granularity": {"choices": ["weight", "filter"]},
+                               "epochs_per_iter": 0.5})
+    s = SearchSpace.from_dict(d)
+    sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, group=True,
+                                         n_startup_trials=4)
+    study = optuna.create_study(sampler=sampler)
+    seen = set()
+    for i in range(12):
+        trial = study.ask()
+        const = s.suggest(trial, LENET)
+        method = trial.params["method"]
+        seen.add(method)
+        method_keys = {k for k in trial.params if k.startswith(("magnitude.", "admm."))}
+        assert method_keys and all(k.startswith(f"{method}.") for k in method_keys)
+        if method == "admm":
+            assert method_keys == {"admm.rho", "admm.admm_iters", "admm.granularity"}
+            assert const["admm.epochs_per_iter"] == 0.5 and "magnitude.ramp" not in const
+            plan = s.decode({**trial.params, **const}, LENET)
+            assert plan.params["epochs_per_iter"] == 0.5
+            assert isinstance(plan.params["admm_iters"], int)
+            assert plan.params["granularity"] in ("weight", "filter")
+        study.tell(trial, float(i % 3))
+    assert seen == {"magnitude", "admm"}
+
+
+def test_ray_optuna_search_passes_the_config_that_decode_reads(tmp_path):
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = SearchSpace.from_dict(BASE)
+    searcher = OptunaSearch(space=s.define_by_run(LENET), metric="val_accuracy",
+                            mode="max", sampler=optuna.samplers.RandomSampler(seed=0))
+    config = searcher.suggest("trial_1")
+    assert config["magnitude.ramp"] == 0.5 and config["finetune.epochs"] == 3
+    plan = s.decode(config, LENET)
+    assert plan.method == "magnitude" and set(plan.allocation) == {"conv1", "conv2", "fc1"}
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune checkpoints the searcher: must pickle
+    assert (tmp_path / "searcher.pkl").stat().st_size > 0
+
+
+def test_fixed_target_and_allocation_sample_nothing_extra():
+    d = with_("sparsity", {"target_floor": 1.0, "allocation": 0.3})
+    s = SearchSpace.from_dict(d)
+    trial = optuna.create_study().ask()
+    const = s.suggest(trial, LENET)
+    assert const["target"] == 1.0
+    assert not any(k.startswith("alloc.") or k == "target" for k in trial.params)
+    plan = s.decode({**trial.params, **const}, LENET)
+    assert plan.target == 1.0 and plan.allocation == dict.fromkeys(LENET, 0.3)
+
+
+def test_groups_share_one_allocation_parameter():
+    d = with_("sparsity", {"groups": {"stage1": r"layer1\.", "stage23": r"layer[23]\.",
+                                      "nothing": "nomatch"}, "exclude": "shortcut"})
+    s = SearchSpace.from_dict(d)
+    keys = s.alloc_keys(RESNET20)
+    assert list(keys) == ["conv1", "stage1", "stage23", "fc"]
+    assert len(keys["stage1"]) == 6 and len(keys["stage23"]) == 12
+    trial = optuna.create_study().ask()
+    const = s.suggest(trial, RESNET20)
+    alloc = {k for k in trial.params if k.startswith("alloc.")}
+    assert alloc == {"alloc.conv1", "alloc.stage1", "alloc.stage23", "alloc.fc"}
+    plan = s.decode({**trial.params, **const}, RESNET20)
+    assert "layer2.0.shortcut.0" not in plan.allocation and len(plan.allocation) == 20
+    assert plan.allocation["layer3.2.conv2"] == trial.params["alloc.stage23"]
+    assert plan.allocation["layer1.0.conv1"] == trial.params["alloc.stage1"]
+
+
+def test_group_named_like_a_layer_is_refused():
+    s = SearchSpace.from_dict(with_("sparsity.groups", {"conv2": "conv"}), source="g.yaml")
+    with pytest.raises(UserError, match="g.yaml: sparsity.groups.conv2: .*named like a layer"):
+        s.alloc_keys(LENET)
+
+
+# -- the built-in spaces ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["default", "deep"])
+def test_builtin_spaces_name_the_documented_hyperparameters(name):
+    d = yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
+    assert set(d["methods"]) == set(ALL_SIX)
+    for method, hps in DOC_HPS.items():
+        assert set(d["methods"][method]) == hps, method
+        for hp, spec in d["methods"][method].items():  # quick CPU trials
+            if hp == "epochs":
+                assert spec["high"] <= 3
+    for method in ("admm", "radmm"):  # ADMM iterations x epochs per iteration <= 3 epochs
+        hps = d["methods"][method]
+        assert hps["admm_iters"]["high"] * hps["epochs_per_iter"]["high"] <= 3
+
+
+def test_deep_space_groups_resnet_stages():
+    d = yaml.safe_load((SPACES_DIR / "deep.yaml").read_text())
+    d["methods"] = {"magnitude": d["methods"]["magnitude"]}  # validate without the other methods
+    s = SearchSpace.from_dict(d, source="deep.yaml")
+    keys = s.alloc_keys(RESNET20)
+    assert list(keys) == ["conv1", "stage1", "stage2", "stage3", "fc"]
+    assert "layer2.0.shortcut.0" in keys["stage2"] and len(keys["stage3"]) == 7
+
+
+@pytest.mark.parametrize("name", ["default", "deep"])
+def test_builtin_spaces_load_strictly(name):
+    require(*ALL_SIX)
+    s = SearchSpace.load(SPACES_DIR / f"{name}.yaml")
+    assert set(s.methods) == set(ALL_SIX)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        const = s.suggest(trial, RESNET20)
+        plan = s.decode({**trial.params, **const}, RESNET20)
+        assert set(plan.allocation) == set(RESNET20)
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("name", ["default", "deep"])
+def test_builtin_spaces_validate_for_the_registered_methods(name):
+    """Until all six methods exist, the entries of those that do must already be valid."""
+    d = yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
+    registered = load_all()
+    d["methods"] = {m: hps for m, hps in d["methods"].items() if m in registered}
+    s = SearchSpace.from_dict(d, source=name)
+    assert "magnitude" in s.methods
+    assert s.target_floor == 0.6 and s.max_sparsity == 0.99

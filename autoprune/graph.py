@@ -102,21 +102,8 @@ class ChannelGraph:
         return eff
 
 
-def _output_layer(model: nn.Module, example: torch.Tensor) -> str | None:
-    """The last conv/linear executed in a forward pass: the classifier producing the logits."""
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
-             for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order[-1] if order else None
-
-
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Conv/linear layers in the order a forward pass first runs them (last = the logits)."""
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
              for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]

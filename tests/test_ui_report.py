@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 
 from autoprune.cli import main
-from autoprune.reporting import start_ui_server, ui_url, wait_healthy
 from autoprune.tracking import Tracker, default_tracking_uri
 
 POINTS = [  # (trial, method, val, flops, params)
@@ -55,13 +57,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ui_server_answers_rest_api_with_the_runs(store):
+def test_autoprune_ui_serves_the_runs_over_rest(store):
+    """The real command: `autoprune ui` prints its URL and the server answers MLflow's REST API."""
     out, parent = store
     port = _free_port()
-    proc = start_ui_server(default_tracking_uri(out), str(out / "mlartifacts"), "127.0.0.1",
-                           port)
+    proc = subprocess.Popen([sys.executable, "-m", "autoprune", "ui", "--out", str(out),
+                             "--port", str(port), "--study", "digits-lenet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_healthy("127.0.0.1", port, proc, timeout=120)
+        line = proc.stdout.readline()  # printed once /health answers
+        assert line.startswith("MLflow UI: http://127.0.0.1:"), line
+        assert "workflowType=machine_learning" in line
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
             "?experiment_name=digits-lenet")
@@ -74,8 +80,10 @@ def test_ui_server_answers_rest_api_with_the_runs(store):
         assert len(runs) == 1
         tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
         assert tags["autoprune.trial"] == "1" and tags["mlflow.parentRunId"] == parent
-        assert ui_url("127.0.0.1", port, exp["experiment_id"]).endswith(
-            "workflowType=machine_learning")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0

@@ -81,3 +81,20 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
                    within_budget=b.satisfied(fracs), dense_flops=wb.dense["flops"],
                    dense_params=wb.dense["params"])
     return metrics
+
+
+def search(study: str | Study = "digits-lenet", budget: str | None = None, *,
+           log: Callable[[str], None] = lambda s: None, **options: Any) -> dict:
+    """Run (or with `resume=True` continue) a search; the CLI's `autoprune search` calls this.
+
+    `options` are the fields of `autoprune.search.orchestrator.SearchOptions` (trials, workers,
+    sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that
+    `--json` prints: counts, the Pareto front and the best point inside the budget.
+    """
+    from .search.orchestrator import SearchOptions
+    from .search.orchestrator import search as run_search
+
+    unknown = set(options) - set(SearchOptions.__dataclass_fields__)
+    if unknown:
+        raise UserError(f"unknown search option(s): {', '.join(sorted(unknown))}")
+    return run_search(SearchOptions(study=study, budget=budget, **options), log=log)

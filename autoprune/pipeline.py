@@ -8,7 +8,6 @@ trials pays for them once.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from .engine import Recipe, evaluate
 from .flops import Accountant, count_dense
 from .models import build_model
 from .pruning import get_method
-from .pruning.runner import prune_and_finetune
+from .pruning.runner import PrunedState, prune_and_finetune
 from .study import Study
 
 
@@ -97,8 +96,14 @@ def size_allocation(accountant: Accountant, layers: list[str]) -> dict[str, floa
 
 def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dict[str, float], *,
                 finetune: dict[str, Any] | None = None, seed: int | None = None,
-                on_epoch: Callable[[dict], None] | None = None) -> tuple[nn.Module, dict]:
-    """Prune a fresh dense copy with `method` to `targets`; return the model and its metrics."""
+                on_epoch: Callable[[dict], None] | None = None,
+                on_pruned: Callable[[PrunedState], None] | None = None,
+                resume: PrunedState | None = None) -> tuple[nn.Module, dict]:
+    """Prune a fresh dense copy with `method` to `targets`; return the model and its metrics.
+
+    `on_pruned` and `resume` checkpoint and restore the state between the two phases (see
+    `prune_and_finetune`).
+    """
     from .pruning.compaction import compact
 
     seed = wb.seed if seed is None else seed
@@ -108,7 +113,8 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
     if finetune and "lr" in finetune:  # a searched learning rate applies to both phases
         prune_recipe = replace(prune_recipe, lr=finetune["lr"])
     result = prune_and_finetune(model, wb.data, wb.accountant.graph, method, targets, params,
-                                prune_recipe, ft, seed=seed, on_epoch=on_epoch)
+                                prune_recipe, ft, seed=seed, on_epoch=on_epoch,
+                                on_pruned=on_pruned, resume=resume)
     counts = wb.accountant.count(model)
     compacted = compact(model, wb.data.example(), wb.accountant.graph)
     c_macs, c_params = count_dense(compacted, wb.data.example())
@@ -129,6 +135,3 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
     }
     return model, metrics
 
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -70,7 +70,7 @@ def study_from_dict(d: Any, source: str = "<dict>") -> Study:
         raise UserError(f"{source}: a study must be a mapping of keys to values")
     unknown = set(d) - _KEYS
     if unknown:
-        raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise UserError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     for key in ("model", "dataset"):
         if not isinstance(d.get(key), str) or not d[key]:
             raise UserError(f"{source}: '{key}' is required and must be a string")

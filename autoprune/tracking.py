@@ -270,6 +270,23 @@ class Tracker:
             self._children[parent_id] = found
         return self._children[parent_id]
 
+    def start_trial(self, parent_id: str, trial_number: int, method: str,
+                    params: Mapping[str, Any]) -> str:
+        """Open the child run of a trial as RUNNING, so a search can be watched live in the UI;
+        `log_trial` ends it. A trial that has a run already (resumed, retried) keeps it."""
+        children = self._child_map(parent_id)
+        if trial_number in children:
+            return children[trial_number]
+        tags = {TAG_PARENT: parent_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: str(trial_number),
+                TAG_METHOD: method, TAG_STUDY: self.study}
+        run = self.client.create_run(self._exp(), start_time=_now_ms(), tags=tags,
+                                     run_name=f"trial-{trial_number:04d}-{method}")
+        rid = run.info.run_id
+        children[trial_number] = rid
+        flat = {_key(k): _param_str(v) for k, v in {"method": method, **flatten(params)}.items()}
+        self._log(rid, params=[Param(k, v) for k, v in flat.items()])
+        return rid
+
     def log_trial(self, parent_id: str, trial_number: int, method: str, params: Mapping[str, Any],
                   metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
                   layer_sparsity: Mapping[str, float] | None = None, status: str = "FINISHED",

@@ -66,7 +66,8 @@ def test_mlflow_has_parent_and_one_child_per_trial(finished_search):
     client = MlflowClient(summary["tracking_uri"])
     exp = client.get_experiment_by_name("digits-lenet")
     runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]]
+    parent = summary["parent_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(children) == 4
     trials = sorted(int(r.data.tags["autoprune.trial"]) for r in children)
     assert trials == [0, 1, 2, 3]

@@ -21,6 +21,19 @@ from .base import MaskHook, Masks, Pruner, apply_masks, get_method
 
 
 @dataclass
+class PrunedState:
+    """What the prune phase leaves behind: enough to run the fine-tune phase alone.
+
+    A search trial checkpoints it, so a trial retried after its worker died skips the prune
+    phase (usually the longest: ADMM iterations, L0 gates, AGP ramps).
+    """
+
+    state: dict[str, Any]  # model weights with the masks applied (CPU tensors)
+    masks: Masks
+    history: list[dict]  # the prune phase's per-epoch records
+
+
+@dataclass
 class PruneResult:
     pruner: Pruner
     masks: Masks
@@ -30,10 +43,16 @@ class PruneResult:
 def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, method: str,
                        targets: dict[str, float], params: dict[str, Any],
                        prune_recipe: Recipe, finetune_recipe: Recipe, *, seed: int = 0,
-                       on_epoch: Callable[[dict], None] | None = None) -> PruneResult:
-    """Run `method` on `model` (in place) and return its final masks and training history."""
+                       on_epoch: Callable[[dict], None] | None = None,
+                       on_pruned: Callable[[PrunedState], None] | None = None,
+                       resume: PrunedState | None = None) -> PruneResult:
+    """Run `method` on `model` (in place) and return its final masks and training history.
+
+    `on_pruned` receives the state between the phases (to checkpoint it); `resume` is such a
+    state: the prune phase is then skipped and only the fine-tune phase runs.
+    """
     pruner = get_method(method)(model, targets, graph, **params)
-    history: list[dict] = []
+    history: list[dict] = [] if resume is None else [dict(r) for r in resume.history]
 
     def log(phase: str):
         def _cb(rec: dict) -> None:
@@ -43,11 +62,19 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
                 on_epoch(rec)
         return _cb
 
-    if pruner.prune_epochs > 0:
-        recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
-        train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
-    masks = pruner.final_masks()
+    if resume is not None:
+        model.load_state_dict(resume.state)
+        masks = {k: v.to(model.get_parameter(k).device) for k, v in resume.masks.items()}
+    else:
+        if pruner.prune_epochs > 0:
+            recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
+            train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
+        masks = pruner.final_masks()
     apply_masks(model, masks)
+    if on_pruned is not None and resume is None:
+        on_pruned(PrunedState({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                              {k: v.detach().cpu().clone() for k, v in masks.items()},
+                              [dict(r) for r in history]))
     if finetune_recipe.epochs > 0:
         train(model, data, finetune_recipe, hooks=[MaskHook(masks)], seed=seed + 1,
               on_epoch=log("finetune"))

@@ -6,11 +6,15 @@ whatever the number of workers or nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
 from ..budget import Budget
 from .searcher import TRIAL_NUMBER_KEY
@@ -19,7 +23,9 @@ _INTERNAL = {TRIAL_NUMBER_KEY}
 FINAL_METRICS = ("val_accuracy", "test_accuracy", "flops_frac", "params_frac",
                  "compact_flops_frac", "compact_params_frac", "flops", "params",
                  "weight_compression", "budget_violation", "target", "dense_val_accuracy",
-                 "dense_test_accuracy")
+                 "dense_test_accuracy", "restored_from_checkpoint")
+NODE_KEYS = ("node_id", "node_ip")  # where the trial ran, as params of its MLflow run
+KILLED_ERROR = "the search was interrupted before this trial finished"
 
 
 def _error_text(trial) -> str:
@@ -33,27 +39,45 @@ def _error_text(trial) -> str:
 
 
 class TrackingCallback(Callback):
-    """One MLflow child run per trial, written when the trial ends."""
+    """One MLflow child run per trial: opened RUNNING when the trial starts, ended once when it
+    ends (a trial Tune retried after its worker died keeps its run and records `retries`)."""
 
     def __init__(self, tracker, parent_id: str) -> None:
         self.tracker = tracker
         self.parent_id = parent_id
         self.run_ids: dict[int, str] = {}
+        self.ended: set[int] = set()
+
+    def _params(self, trial) -> dict:
+        return {k: v for k, v in trial.config.items() if k not in _INTERNAL}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        number = trial.config.get(TRIAL_NUMBER_KEY)
+        if number is not None and int(number) not in self.run_ids:
+            self.run_ids[int(number)] = self.tracker.start_trial(
+                self.parent_id, int(number), str(trial.config.get("method", "")),
+                self._params(trial))
 
     def _log(self, trial, status: str, error: str | None = None) -> None:
         cfg = trial.config
-        number = int(cfg.get(TRIAL_NUMBER_KEY, -1))
+        if TRIAL_NUMBER_KEY not in cfg:
+            return  # never got an Optuna trial: nothing to record
+        number = int(cfg[TRIAL_NUMBER_KEY])
         result = trial.last_result or {}
-        params = {k: v for k, v in cfg.items() if k not in _INTERNAL}
+        params = self._params(trial)
+        params.update({k: result[k] for k in NODE_KEYS if k in result})
+        params["retries"] = int(getattr(trial, "num_failures", 0))
         metrics = {k: float(result[k]) for k in FINAL_METRICS
                    if isinstance(result.get(k), (int, float))}
         history = json.loads(result["history"]) if result.get("history") else []
-        layers = json.loads(result["layer_sparsity"]) if result.get("layer_sparsity") else {}
+        layers = json.loads(result["layer_sparsity"]) if result.get("layer_sparsity") else None
         if result.get("failed"):
-            status, error = "FAILED", result.get("error", error)
+            status = "FAILED"
+            error = result.get("error_detail") or result.get("error") or error
         self.run_ids[number] = self.tracker.log_trial(
             self.parent_id, number, str(cfg.get("method", "")), params,
             metrics if status == "FINISHED" else {}, history, layers, status, error)
+        self.ended.add(number)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         final = (trial.last_result or {}).get("is_final", False)
@@ -61,6 +85,14 @@ class TrackingCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._log(trial, "FAILED", _error_text(trial))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        # A stopped experiment (Ctrl-C) ends its running and pending trials without completing
+        # them: record each trial that has not been recorded yet as killed.
+        for t in trials:
+            number = t.config.get(TRIAL_NUMBER_KEY)
+            if number is not None and int(number) not in self.ended:
+                self._log(t, "KILLED", KILLED_ERROR)
 
 
 class ProgressCallback(Callback):
@@ -71,7 +103,6 @@ class ProgressCallback(Callback):
         self.total, self.done, self.budget, self.log = total, done_before, budget, log
         self.failed = 0
         self.best: tuple[float, str] | None = None
-        self.interrupted = False
 
     def _line(self, trials, trial, what: str) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING")
@@ -102,5 +133,51 @@ class ProgressCallback(Callback):
         self.failed += 1
         self._line(trials, trial, f"error: {_error_text(trial)}")
 
-    def on_experiment_end(self, trials, **info) -> None:
-        self.interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        cause = _error_text(trial).split(". ")[0][:120]
+        self._line(trials, trial, f"lost its worker ({cause}); retrying from its last "
+                                  f"checkpoint")
+
+
+class Interrupt(Stopper):
+    """Ctrl-C handling for the duration of a search (replaces Tune's own handler).
+
+    The first SIGINT asks Tune to stop every trial and end the experiment (the driver then marks
+    the running trials killed in Optuna and MLflow and prints how to resume); a second one
+    raises KeyboardInterrupt at once. Tune's handler would stop just as gracefully but tells
+    nobody that it did.
+    """
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self.log = log
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.requested
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupted: stopping the running trials (Ctrl-C again to quit at once)")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupt]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals only reach the main thread; nothing to install
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        flag = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if flag is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = flag

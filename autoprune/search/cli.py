@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+from typing import NoReturn
 
 from ..errors import UserError
 
@@ -17,6 +18,15 @@ def _log(quiet: bool):
     return log
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Bad arguments get one line (and exit code 2), not argparse's usage block."""
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -24,6 +34,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -38,7 +58,8 @@ def _positive_float(text: str) -> float:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .orchestrator import SearchOptions, parse_duration, print_front, search
+    """Exit codes: 0 done, 1 every trial failed, 2 bad input, 130 interrupted (resumable)."""
+    from .orchestrator import SearchOptions, parse_duration, print_front, resume_hint, search
 
     opts = SearchOptions(
         study=args.study, space=args.space, budget=args.budget, trials=args.trials,
@@ -47,10 +68,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, out=args.out,
         data_root=args.data_root, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
-        resume=args.resume, dense_checkpoint=args.dense_checkpoint)
+        tune_storage=args.tune_storage, max_failures=args.max_failures, resume=args.resume,
+        dense_checkpoint=args.dense_checkpoint)
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
-    with contextlib.redirect_stdout(sys.stderr):
-        summary = search(opts, log=_log(args.json))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = search(opts, log=_log(args.json))
+    except KeyboardInterrupt:  # interrupted outside Tune's graceful stop (e.g. dense training)
+        print(f"autoprune: search interrupted; the finished trials are kept. Resume with:\n"
+              f"  {resume_hint(opts)}", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -58,11 +85,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"\nMLflow: autoprune ui --out {args.out}   "
               f"(tracking store {summary['tracking_uri']})")
     if summary["interrupted"]:
-        print(f"search interrupted; resume with: {summary['resume_hint']}", file=sys.stderr)
+        print(f"autoprune: search interrupted ({summary['trials_completed']} trials completed, "
+              f"{summary['trials_killed']} running trials stopped and recorded as killed). "
+              f"Resume with:\n  {summary['resume_hint']}", file=sys.stderr)
         return 130
     if summary["trials_completed"] == 0 and summary["trials_failed"] > 0:
-        print(f"autoprune: every trial failed ({summary['trials_failed']}); see the MLflow runs "
-              f"for their errors", file=sys.stderr)
+        errors = "; ".join(summary["errors"][:3]) or "see the MLflow runs"
+        print(f"autoprune: every trial failed ({summary['trials_failed']} of "
+              f"{summary['trials_failed']}): {errors}", file=sys.stderr)
         return 1
     return 0
 
@@ -94,6 +124,7 @@ def add_commands(sub, common) -> None:
     p = sub.add_parser("search", help="search pruning methods, per-layer sparsity and "
                                       "hyperparameters under a budget (Ray Tune + Optuna)")
     common(p)
+    _one_line_errors(p)
     p.add_argument("--space", default=None, help="search space YAML (default: the study's)")
     p.add_argument("--budget", default=None,
                    help="e.g. flops=0.4, params=0.02 or flops=0.4,params=0.3 "
@@ -114,6 +145,12 @@ def add_commands(sub, common) -> None:
                    help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
     p.add_argument("--optuna-storage", default=None,
                    help="Optuna RDB URL (default: sqlite:///<out>/<study>/optuna.db)")
+    p.add_argument("--tune-storage", default=None,
+                   help="where Ray Tune keeps trial results and checkpoints: a path every node "
+                        "mounts or s3://..., gs://... (default: <out>/<study>/tune)")
+    p.add_argument("--max-failures", type=_non_negative_int, default=1,
+                   help="times a trial whose worker died is retried from its checkpoint "
+                        "(default: 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the study's search in --out (after a crash, or to extend "
                         "it with a larger --trials)")
@@ -127,6 +164,7 @@ def add_commands(sub, common) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
+    _one_line_errors(p)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
     p.add_argument("--out", default="autoprune-runs")
@@ -137,6 +175,7 @@ def add_commands(sub, common) -> None:
                         "everyone who can reach this machine)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+    _one_line_errors(p)
 
 
 __all__ = ["add_commands", "UserError"]

@@ -2,10 +2,15 @@
 
 The Optuna study (SQLite in the study folder, or an RDB URL) is the source of truth for what
 has been tried: resuming a search means loading it, failing the trials that were left RUNNING by a
-dead driver, and running only the trials still missing. Tune's own experiment state is not
-restored (its resume path loses multi-objective results, see STACK_NOTES.md). MLflow holds the
-same trials as child runs of one parent run per study folder, keyed by the Optuna trial number,
-so nothing is recorded twice.
+dead driver (marked killed), and running only the trials still missing. Tune's own experiment
+state is not restored (its resume path loses multi-objective results, see STACK_NOTES.md). MLflow
+holds the same trials as child runs of one parent run per study folder, keyed by the Optuna trial
+number, so nothing is recorded twice; `reconcile` brings MLflow in line with the study after a
+driver was interrupted or killed. Failure handling as a whole is described in docs/cluster.md.
+
+Everything that can be checked before work starts is (input, cluster reachability and
+resources, model, data, dense checkpoint, budget), before any store is created: bad input
+leaves an existing output folder as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -28,13 +34,15 @@ from ..errors import UserError
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
+from .callbacks import KILLED_ERROR
 from .projection import CostTable, min_reachable
 from .space import SearchSpace
-from .trial import TrialContext
+from .trial import TrialContext, test_faults
 
 OBJECTIVES = ["val_accuracy", "flops_frac", "params_frac"]
 MODES = ["max", "min", "min"]
 PARENT_ATTR = "mlflow_parent_run_id"
+KILLED_ATTR = "killed"  # user attr of trials stopped by an interrupted or dead driver
 
 
 @dataclass
@@ -55,6 +63,7 @@ class SearchOptions:
     ray_address: str | None = None
     tracking_uri: str | None = None
     optuna_storage: str | None = None
+    tune_storage: str | None = None
     resume: bool = False
     dense_checkpoint: str | None = None
     max_failures: int = 1
@@ -145,19 +154,88 @@ def _check_budget_reachable(wb: Workbench, budget: Budget, space: SearchSpace) -
                             f"max_sparsity {max_sparsity:g})")
 
 
-def _prepare_optuna(storage_url: str, name: str, sampler, resume: bool) -> optuna.Study:
-    """Load or create the study; on resume, fail trials a dead driver left RUNNING."""
-    storage = optuna.storages.RDBStorage(storage_url)
+def _open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna RDB storage at `url`; an unusable URL is a one-line `UserError`."""
+    try:
+        return optuna.storages.RDBStorage(url)
+    except ImportError as exc:
+        raise UserError(f"--optuna-storage {_redact(url)}: the database driver is not "
+                        f"installed ({exc.name or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's many error types: all bad input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open --optuna-storage {_redact(url)}: {first}") from None
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _finished_before(storage: optuna.storages.RDBStorage, name: str, resume: bool) -> int:
+    """Trials that count towards the budget already in the study (0 for a new study).
+
+    Refuses to add to a study that has trials unless `--resume` says so. Nothing is written.
+    """
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    if name in existing and existing[name].n_trials > 0 and not resume:
+    if name not in existing or existing[name].n_trials == 0:
+        return 0
+    if not resume:
         raise UserError(f"the study folder already holds a search of {existing[name].n_trials} "
                         f"trials; pass --resume to continue it, or another --out")
+    study = optuna.load_study(study_name=name, storage=storage)
+    return finished_count(study)
+
+
+def _prepare_optuna(storage: optuna.storages.RDBStorage, name: str, sampler) -> optuna.Study:
+    """Load or create the study; fail the trials a dead driver left RUNNING."""
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
                                 directions=["maximize", "minimize", "minimize"],
                                 load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_user_attr(t._trial_id, KILLED_ATTR, True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     return study
+
+
+def reconcile(ot_study: optuna.Study, tracker, parent_id: str) -> int:
+    """Make MLflow agree with the Optuna study (the source of truth); return runs fixed.
+
+    After an interrupted or killed driver: trials still RUNNING in Optuna are failed (marked
+    killed), and every trial gets exactly one child run whose status matches its Optuna state;
+    a child left RUNNING (its driver died) is ended KILLED, a trial told to Optuna but not yet
+    logged to MLflow is logged from the study.
+    """
+    from ..names import TAG_PARENT, TAG_TRIAL
+
+    storage = ot_study._storage
+    for t in ot_study.get_trials(deepcopy=False,
+                                 states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_user_attr(t._trial_id, KILLED_ATTR, True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    runs = tracker.client.search_runs(
+        [tracker.client.get_run(parent_id).info.experiment_id],
+        f"tags.`{TAG_PARENT}` = '{parent_id}'", max_results=50000)
+    status = {int(r.data.tags[TAG_TRIAL]): r.info.status for r in runs
+              if r.data.tags.get(TAG_TRIAL, "").lstrip("-").isdigit()}
+    fixed = 0
+    for t in ot_study.get_trials(deepcopy=False):
+        want = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(
+            t.state, "KILLED" if t.user_attrs.get(KILLED_ATTR) else "FAILED")
+        if status.get(t.number) not in (None, "RUNNING"):
+            continue
+        metrics = {}
+        if t.state == TrialState.COMPLETE:
+            metrics = {name: v for name, v in zip(OBJECTIVES, t.values, strict=True)}
+            metrics.update({k: t.user_attrs[k] for k in ("test_accuracy", "compact_flops_frac",
+                                                         "budget_violation")
+                            if isinstance(t.user_attrs.get(k), (int, float))})
+        error = t.user_attrs.get("error") or (KILLED_ERROR if want == "KILLED" else None)
+        params = {**t.params, **{k: t.user_attrs[k] for k in ("node_id", "node_ip")
+                                 if k in t.user_attrs}}
+        tracker.log_trial(parent_id, t.number, str(t.params.get("method", "")), params, metrics,
+                          status=want, error=error if want != "FINISHED" else None)
+        fixed += 1
+    return fixed
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -171,7 +249,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
     from ray import tune
 
     from ..tracking import Tracker, default_tracking_uri
-    from .callbacks import ProgressCallback, TrackingCallback
+    from .callbacks import Interrupt, ProgressCallback, TrackingCallback
     from .searcher import PruningSearch
     from .trial import run_trial
 
@@ -183,6 +261,8 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
     if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
         raise UserError("--trials and --workers must be >= 1, --cpus-per-trial > 0, "
                         "--gpus-per-trial >= 0")
+    if opts.ray_address:
+        _host_port(opts.ray_address)
     if opts.scheduler not in ("none", "asha"):
         raise UserError(f"unknown scheduler '{opts.scheduler}'; choose none or asha")
     sampler = make_sampler(opts.sampler, opts.seed)
@@ -198,13 +278,20 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
 
     with StudyLock(study_dir):
         storage_url = opts.optuna_storage or f"sqlite:///{study_dir / 'optuna.db'}"
-        ot_study = _prepare_optuna(storage_url, study.name, sampler, opts.resume)
-        done = finished_count(ot_study)
+        local_db = storage_url.removeprefix("sqlite:///") if storage_url.startswith(
+            "sqlite:///") else None
+        done = 0
+        if local_db is None or Path(local_db).exists():  # (opening creates the file)
+            done = _finished_before(_open_storage(storage_url), study.name, opts.resume)
         remaining = max(0, trials - done)
-
+        if remaining > 0:  # fail fast (no cluster, no GPUs) before anything is written
+            _init_ray(opts, log)
+        # model, data, dense checkpoint and budget are checked before any store is created
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
                             checkpoint=opts.dense_checkpoint, log=log)
         _check_budget_reachable(wb, budget, space)
+        storage = _open_storage(storage_url)
+        ot_study = _prepare_optuna(storage, study.name, sampler)
         dense = {"val_accuracy": wb.dense["val_accuracy"],
                  "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
                  "params": wb.dense["params"]}
@@ -213,17 +300,29 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             f"{dense['params']:,} params")
 
         tracking_uri = opts.tracking_uri or default_tracking_uri(out)
-        tracker = Tracker(tracking_uri, study.name, out / "mlartifacts")
+        # artifacts beside a local store; a tracking server stores them where it is told to
+        tracker = Tracker(tracking_uri, study.name,
+                          out / "mlartifacts" if tracking_uri.startswith("sqlite:") else None)
         config_record = {"study": study.name, "study_file": study.source,
                          "space": str(space_path), "budget": str(budget), "trials": trials,
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
                          "scheduler": opts.scheduler, "seed": opts.seed,
-                         "optuna_storage": storage_url, "model": study.model,
+                         "optuna_storage": _redact(storage_url), "model": study.model,
                          "dataset": study.dataset}
-        parent = ot_study.user_attrs.get(PARENT_ATTR) if opts.resume else None
-        parent_id = tracker.start_search(config_record, str(budget), dense, parent_run_id=parent)
+        # One parent run per study: reused by --resume, and by a rerun of a search that was
+        # stopped before its first trial.
+        parent = ot_study.user_attrs.get(PARENT_ATTR)
+        try:
+            parent_id = tracker.start_search(config_record, str(budget), dense,
+                                             parent_run_id=parent)
+        except ValueError:  # the stored parent is not in this tracking store
+            log(f"MLflow run {parent} of this study is not in {tracking_uri}; starting a new one")
+            parent_id = tracker.start_search(config_record, str(budget), dense)
         ot_study.set_user_attr(PARENT_ATTR, parent_id)
+        fixed = reconcile(ot_study, tracker, parent_id)
+        if fixed:
+            log(f"recorded {fixed} trial(s) that an earlier driver left unfinished")
         if done:
             log(f"resuming: {done} trials already finished, {remaining} to go")
 
@@ -231,16 +330,15 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
         interrupted = False
         progress = ProgressCallback(total=trials, done_before=done, budget=budget, log=log)
         if remaining > 0:
-            _init_ray(opts, log)
-            ctx = TrialContext(study=study.source, space=str(space_path), out=str(out),
+            ctx = TrialContext(study=study, space=space, out=str(out),
                                study_dir=str(study_dir), budget=str(budget),
                                data_root=opts.data_root, seed=opts.seed,
-                               cpus=opts.cpus_per_trial, checkpoint=opts.dense_checkpoint)
+                               cpus=opts.cpus_per_trial, checkpoint=opts.dense_checkpoint,
+                               faults=test_faults())
             layers = wb.layers
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=OBJECTIVES, mode=MODES, sampler=sampler,
-                                     storage=optuna.storages.RDBStorage(storage_url),
-                                     study_name=study.name, seed=opts.seed)
+                                     storage=storage, study_name=study.name, seed=opts.seed)
             scheduler = None
             if opts.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
@@ -250,6 +348,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)
+            stop = Interrupt(log)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -257,28 +356,59 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
                                             max_concurrent_trials=opts.workers,
                                             reuse_actors=True, time_budget_s=opts.time_limit),
                 run_config=tune.RunConfig(
-                    name=f"tune-{int(time.time())}", storage_path=str(study_dir / "tune"),
-                    callbacks=[tracking_cb, progress], verbose=0,
+                    name=f"tune-{int(time.time())}", storage_path=_tune_storage(opts, study_dir),
+                    callbacks=[tracking_cb, progress], verbose=0, stop=stop,
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                    checkpoint_config=tune.CheckpointConfig()),
             )
             try:
-                tuner.fit()
-            except KeyboardInterrupt:
+                with stop.installed():
+                    tuner.fit()
+            except KeyboardInterrupt:  # a second Ctrl-C: quit without Tune's graceful stop
                 interrupted = True
-            if progress.interrupted:
-                interrupted = True
+            interrupted = interrupted or stop.requested
             if interrupted:
                 status = "KILLED"
+            reconcile(ot_study, tracker, parent_id)
 
         summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
                             status=status)
-        summary["resume_hint"] = (f"autoprune search --study {opts.study} --out {opts.out} "
-                                  f"--resume") if interrupted else None
+        summary["resume_hint"] = resume_hint(opts) if interrupted else None
         summary["interrupted"] = interrupted
         summary["parent_run_id"] = parent_id
         summary["tracking_uri"] = tracking_uri
         return summary
+
+
+def resume_hint(opts: SearchOptions) -> str:
+    """The command that continues this search (what an interrupted search prints)."""
+    import shlex
+
+    defaults = SearchOptions()
+    parts = ["autoprune", "search", "--study", opts.study, "--out", opts.out]
+    for flag, value in (("--space", opts.space), ("--budget", opts.budget),
+                        ("--trials", opts.trials), ("--ray-address", opts.ray_address),
+                        *((f"--{k.replace('_', '-')}", getattr(opts, k))
+                          for k in ("workers", "cpus_per_trial", "gpus_per_trial", "sampler",
+                                    "scheduler", "seed", "max_failures")
+                          if getattr(opts, k) != getattr(defaults, k)),
+                        ("--tracking-uri", opts.tracking_uri),
+                        ("--optuna-storage", opts.optuna_storage and _redact(opts.optuna_storage)),
+                        ("--tune-storage", opts.tune_storage),
+                        ("--data-root", opts.data_root)):
+        if value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in [*parts, "--resume"])
+
+
+def _tune_storage(opts: SearchOptions, study_dir: Path) -> str:
+    """Where Tune keeps trial results and checkpoints: `--tune-storage` (a shared path or an
+    object store URI such as s3://bucket/prefix, per study) or `<out>/<study>/tune`."""
+    if opts.tune_storage:
+        if "://" in opts.tune_storage:
+            return opts.tune_storage.rstrip("/") + "/" + study_dir.name
+        return str(Path(opts.tune_storage).expanduser().resolve() / study_dir.name)
+    return str(study_dir / "tune")
 
 
 def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
@@ -289,11 +419,13 @@ def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if opts.ray_address:
+        _probe(opts.ray_address)
         try:
-            ray.init(address=opts.ray_address, log_to_driver=False)
+            ray.init(address=opts.ray_address, log_to_driver=False,
+                     logging_level="warning")
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"cannot join the Ray cluster at {opts.ray_address}: "
-                            f"{str(exc).splitlines()[0]}") from None
+                            f"{str(exc).strip().splitlines()[0]}") from None
     else:
         num_gpus = None
         ray.init(num_cpus=os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
@@ -303,12 +435,46 @@ def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
     _check_gpus(opts)
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a --ray-address; None for `auto`; a `UserError` for anything else."""
+    if address == "auto":
+        return None
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379) "
+                        f"or auto")
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, timeout: float = 10.0) -> None:
+    """Refuse an address nothing listens on: `ray.init` would retry it for many minutes."""
+    import socket
+
+    target = _host_port(address)
+    if target is None:
+        return  # Ray looks for a cluster started on this node and says so if there is none
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                        f"({exc.strerror or exc}); is `ray start --head` running?") from None
+
+
 def _check_gpus(opts: SearchOptions) -> None:
+    """Refuse at once what no node of the cluster can ever run (Tune would wait forever)."""
     import ray
 
-    if opts.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) < opts.gpus_per_trial:
-        raise UserError(f"--gpus-per-trial {opts.gpus_per_trial:g} asked, but the Ray cluster "
-                        f"has {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    if opts.gpus_per_trial > 0 and not any(n.get("GPU", 0) >= opts.gpus_per_trial
+                                           for n in nodes):
+        raise UserError(f"--gpus-per-trial {opts.gpus_per_trial:g} asked, but no node of the Ray "
+                        f"cluster has that many GPUs ({total_gpus:g} GPUs in all); use "
+                        f"--gpus-per-trial 0 or a cluster with GPUs")
+    if not any(n.get("CPU", 0) >= opts.cpus_per_trial for n in nodes):
+        biggest = max((n.get("CPU", 0) for n in nodes), default=0)
+        raise UserError(f"--cpus-per-trial {opts.cpus_per_trial:g} asked, but the largest node of "
+                        f"the Ray cluster has {biggest:g} CPUs")
 
 
 def trial_points(ot_study: optuna.Study) -> list[dict]:
@@ -339,10 +505,13 @@ def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, d
     idx = front(feasible) if feasible else []
     pareto = sorted((feasible[i] for i in idx), key=lambda p: p["flops_frac"])
     best = max(feasible, key=lambda p: p["val_accuracy"], default=None)
-    failed = len(ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    ended = ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    killed = sum(1 for t in ended if t.user_attrs.get(KILLED_ATTR))
+    errors = sorted({str(t.user_attrs["error"]) for t in ended if t.user_attrs.get("error")})
     pruned = len(ot_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
     return {"study": study_name, "budget": str(budget), "trials_completed": len(points),
-            "trials_feasible": len(feasible), "trials_pruned": pruned, "trials_failed": failed,
+            "trials_feasible": len(feasible), "trials_pruned": pruned,
+            "trials_failed": len(ended) - killed, "trials_killed": killed, "errors": errors,
             "dense": dense, "pareto": pareto, "best": best}
 
 
@@ -354,7 +523,8 @@ def print_front(summary: dict, stream=sys.stdout) -> None:
     d = summary["dense"]
     print(f"\nPareto front of {summary['study']} (budget {summary['budget']}; "
           f"{summary['trials_completed']} completed, {summary['trials_failed']} failed, "
-          f"{summary['trials_pruned']} stopped early)", file=stream)
+          f"{summary['trials_pruned']} stopped early, {summary.get('trials_killed', 0)} "
+          f"interrupted)", file=stream)
     print(f"dense: val {d['val_accuracy']:.4f} test {d['test_accuracy']:.4f}", file=stream)
     header = (f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}"
               "  hyperparameters")

@@ -19,7 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
 KEPT_ATTRS = ("method", "test_accuracy", "compact_flops_frac", "checkpoint", "hparams",
-              "granularity", "budget_violation")
+              "granularity", "budget_violation", "node_id", "node_ip", "restored_from_checkpoint")
+FAILED_ATTRS = ("error", "node_id", "node_ip")
 
 
 class PruningSearch(OptunaSearch):
@@ -35,6 +36,9 @@ class PruningSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         if result and result.get("failed"):
+            for key in FAILED_ATTRS:
+                if key in result:
+                    ot_trial.set_user_attr(key, result[key])
             self._tell(trial_id, None, TrialState.FAIL)
             return
         if not result or not result.get("is_final"):

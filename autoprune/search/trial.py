@@ -3,6 +3,17 @@
 Workers only compute and report; the driver talks to MLflow and Optuna. The `Workbench` (data
 on the device, dense weights from the study's cache, the traced graph) is kept per process, so a
 reused Ray actor pays for it once.
+
+Reliability:
+- a trial checkpoints once, between its two phases (weights with masks applied, the masks, the
+  prune phase's history) through `tune.report(..., checkpoint=...)`. When its worker dies (node
+  lost, out of memory, killed), Tune restarts it (`FailureConfig(max_failures)`) and the retry
+  resumes from that checkpoint: the prune phase is skipped, fine-tuning starts over. The
+  granularity is the phase boundary: a worker that dies during the prune phase restarts the
+  trial from scratch, one that dies during fine-tuning repeats the fine-tuning only.
+- an exception inside a trial (a diverging loss, a method that raises) is not a crash: it is
+  reported as a final result with `failed=True` and the error, so the trial is recorded as
+  failed at once (no retry of a deterministic error) and the search goes on.
 """
 
 from __future__ import annotations
@@ -10,29 +21,54 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from ray import tune
 
 from ..budget import Budget
 from ..device import set_threads
-from ..errors import TrainingDiverged
+from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, granularity_of, run_pruning
-from ..study import load_study
+from ..pruning.runner import PrunedState
+from ..study import Study
 from .projection import CostTable, fractions, project
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
+# Test-only fault injection, read by the driver and handed to workers in the TrialContext
+# (workers of an existing Ray cluster do not see the driver's environment):
+#   AUTOPRUNE_TEST_KILL_TRIAL=<n>   SIGKILL the worker of trial n once, after its first
+#                                   fine-tune epoch (a marker file in the study folder makes
+#                                   it happen only the first time)
+#   AUTOPRUNE_TEST_RAISE_TRIAL=<n>  trial n raises RuntimeError (every attempt)
+#   AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial sleeps s seconds after each epoch (so a test
+#                                   can interrupt a search while trials are running)
+FAULT_PREFIX = "AUTOPRUNE_TEST_"
+CKPT_STATE, CKPT_META = "pruned.pt", "pruned.json"
+
+
+def test_faults() -> dict[str, str]:
+    """The driver's fault-injection variables (empty outside tests)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_PREFIX)}
+
 
 @dataclass(frozen=True)
 class TrialContext:
-    """Everything a worker needs besides the sampled config (sent once via the object store)."""
+    """Everything a worker needs besides the sampled config (sent once via the object store).
 
-    study: str  # path of the study file
-    space: str  # path of the search space file
+    The study and the space travel as parsed objects, so no node needs the driver's YAML files;
+    the dense baseline cache (under `out`) and the data (`data_root`) must be at the same path
+    on every node (a shared file system).
+    """
+
+    study: Study
+    space: SearchSpace
     out: str
     study_dir: str
     budget: str
@@ -40,25 +76,107 @@ class TrialContext:
     seed: int
     cpus: float
     checkpoint: str | None = None
+    faults: dict[str, str] = field(default_factory=dict)
 
 
 _BENCHES: dict[tuple, Workbench] = {}
 
 
 def workbench(ctx: TrialContext) -> Workbench:
-    key = (ctx.study, ctx.out, ctx.data_root, ctx.seed, ctx.checkpoint)
+    key = (ctx.study.source, ctx.study.name, ctx.out, ctx.data_root, ctx.seed, ctx.checkpoint)
     if key not in _BENCHES:
         _BENCHES.clear()  # one study per process at a time
-        _BENCHES[key] = Workbench.open(load_study(ctx.study), ctx.out, data_root=ctx.data_root,
+        _BENCHES[key] = Workbench.open(ctx.study, ctx.out, data_root=ctx.data_root,
                                        seed=ctx.seed, checkpoint=ctx.checkpoint)
     return _BENCHES[key]
 
 
+def node_info() -> dict[str, str]:
+    """Where this trial runs: the Ray node id and IP (shown per trial in Optuna and MLflow)."""
+    import ray
+
+    try:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    except Exception:  # noqa: BLE001 - informational only
+        return {}
+
+
+def _fault(ctx: TrialContext, name: str) -> str | None:
+    return ctx.faults.get(FAULT_PREFIX + name)
+
+
+def _maybe_kill(ctx: TrialContext, number: int, rec: dict) -> None:
+    """Test hook: die like a lost worker would, once, in the middle of fine-tuning."""
+    target = _fault(ctx, "KILL_TRIAL")
+    if target is None or int(target) != number or rec.get("phase") != "finetune":
+        return
+    marker = Path(ctx.study_dir) / f".killed-trial-{number}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
+    """Report the between-phases state as this trial's Tune checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="autoprune-ckpt-") as d:
+        torch.save({"state": state.state, "masks": state.masks}, Path(d) / CKPT_STATE)
+        (Path(d) / CKPT_META).write_text(json.dumps({**fingerprint, "history": state.history}))
+        last = state.history[-1] if state.history else {}
+        tune.report({"val_accuracy": float(last.get("val_accuracy", 0.0)),
+                     "loss": float(last.get("loss", 0.0)), "phase": "pruned",
+                     "is_final": False, "flops_frac": fingerprint["flops_frac"],
+                     "params_frac": fingerprint["params_frac"]},
+                    checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _load_pruned(fingerprint: dict) -> PrunedState | None:
+    """The checkpoint of an earlier attempt of this trial, if it has one and it matches."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        meta_path, state_path = Path(d) / CKPT_META, Path(d) / CKPT_STATE
+        if not (meta_path.exists() and state_path.exists()):
+            return None
+        meta = json.loads(meta_path.read_text())
+        if any(meta.get(k) != v for k, v in fingerprint.items()):
+            return None  # another trial's or another plan's state: start over
+        blob = torch.load(state_path, map_location="cpu", weights_only=True)
+    return PrunedState(blob["state"], blob["masks"], meta["history"])
+
+
+def _failure(exc: BaseException) -> dict:
+    """A final result recording a trial that raised (told to Optuna and MLflow as failed)."""
+    if isinstance(exc, (TrainingDiverged, UserError)):
+        error, detail = f"{type(exc).__name__}: {exc}", f"{type(exc).__name__}: {exc}"
+    else:
+        error = f"{type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception(exc))
+    return {"failed": True, "error": error.splitlines()[0] if error else "error",
+            "error_detail": detail, "is_final": True, "val_accuracy": 0.0,
+            "flops_frac": 1.0, "params_frac": 1.0}
+
+
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """Ray Tune function trainable: reports per-epoch progress, then one final result."""
+    number = int(config.get(TRIAL_NUMBER_KEY, -1))
+    where = node_info()
+    try:
+        final = _run(config, ctx, number)
+    except Exception as exc:  # noqa: BLE001 - every error of a trial is recorded, not raised
+        final = _failure(exc)
+    final.update(where)
+    tune.report(final)
+
+
+def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     set_threads(ctx.cpus)
     wb = workbench(ctx)
-    space = SearchSpace.load(ctx.space)
+    space = ctx.space
     plan = space.decode(config, wb.layers)
     budget = Budget.parse(ctx.budget)
     gran = granularity_of(wb, plan.method, plan.params)
@@ -66,21 +184,28 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     targets = project(table, plan.allocation, budget.limits, plan.target, gran,
                       space.max_sparsity)
     planned = fractions(table, targets, gran)
-    number = int(config.get(TRIAL_NUMBER_KEY, -1))
+    if _fault(ctx, "RAISE_TRIAL") is not None and int(_fault(ctx, "RAISE_TRIAL")) == number:
+        raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")
+    slow = float(_fault(ctx, "SLOW_TRIAL") or 0)
+    fingerprint = {"trial": number, "method": plan.method, "model": wb.study.model,
+                   "targets": targets, "flops_frac": planned["flops"],
+                   "params_frac": planned["params"]}
+    resume = _load_pruned(fingerprint)
 
     def progress(rec: dict) -> None:
         # Intermediate reports let ASHA stop weak trials; they are never final results.
         tune.report({"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
                      "flops_frac": planned["flops"], "params_frac": planned["params"],
                      "phase": rec["phase"], "is_final": False})
+        if slow:
+            import time
 
-    try:
-        model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,
-                               seed=ctx.seed + max(number, 0), on_epoch=progress)
-    except TrainingDiverged as exc:
-        tune.report({"failed": True, "error": str(exc), "is_final": True,
-                     "val_accuracy": 0.0, "flops_frac": 1.0, "params_frac": 1.0})
-        return
+            time.sleep(slow)
+        _maybe_kill(ctx, number, rec)
+
+    model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,
+                           seed=ctx.seed + max(number, 0), on_epoch=progress,
+                           on_pruned=lambda s: _save_pruned(s, fingerprint), resume=resume)
     fracs = {"flops": m["flops_frac"], "params": m["params_frac"]}
     ckpt_dir = Path(ctx.study_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +218,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
              not (isinstance(v, float) and math.isnan(v))}
     final.update(is_final=True, failed=False, budget_violation=budget.violation(fracs),
                  target=plan.target, checkpoint=str(ckpt),
+                 restored_from_checkpoint=int(resume is not None),
                  layer_sparsity=json.dumps(m["layer_sparsity"]),
                  targets=json.dumps(targets), history=json.dumps(m["history"]),
                  hparams=json.dumps(plan.params), finetune_overrides=json.dumps(plan.finetune))
-    tune.report(final)
+    return final

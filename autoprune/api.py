@@ -6,11 +6,13 @@ Ray Tune + Optuna search. Users with their own model or data call these directly
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .budget import Budget
+from .engine import Recipe
 from .errors import UserError
 from .pipeline import Workbench, granularity_of, run_pruning, size_allocation
 from .pruning import get_method
@@ -62,9 +64,13 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
     st = study if isinstance(study, Study) else load_study(study)
     get_method(method).make_params(**(params or {}))  # validate before loading anything
     b = budget if isinstance(budget, Budget) else Budget.parse(budget or st.budget)
+    if finetune:
+        Recipe.from_dict(dataclasses.asdict(st.finetune), **finetune)  # refuse bad keys now
     Path(out).mkdir(parents=True, exist_ok=True)
+    check = (lambda layers: parse_layer_sparsity(layer_sparsity, layers)) if layer_sparsity \
+        else None
     wb = Workbench.open(st, out, data_root=data_root, seed=seed, checkpoint=checkpoint,
-                        download=download, log=log)
+                        download=download, log=log, check_layers=check)
     log(f"dense baseline: val {wb.dense['val_accuracy']:.4f} test {wb.dense['test_accuracy']:.4f}")
     gran = granularity_of(wb, method, params or {})
     if layer_sparsity:

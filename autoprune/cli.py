@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -54,6 +55,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Bad arguments get one line and exit code 2, not argparse's usage block."""
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
 def _cmd_studies(args: argparse.Namespace) -> int:
     from .study import list_studies
 
@@ -86,6 +95,21 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_overrides(items: list[str]) -> dict:
+    """`--finetune epochs=20 --finetune lr=1e-3` -> {'epochs': 20, 'lr': 0.001}."""
+    from . import yamlio
+    from .engine import Recipe
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Recipe.__dataclass_fields__:
+            raise UserError(f"--finetune '{item}': expected KEY=VALUE with KEY one of "
+                            f"{', '.join(Recipe.__dataclass_fields__)}")
+        out[key] = yamlio.loads(value, f"--finetune {key}")
+    return out
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .pruning import get_method
 
@@ -93,6 +117,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from . import api
 
     m = api.prune(args.study, args.method, args.budget, params=params,
+                  finetune=_recipe_overrides(args.finetune or []),
                   layer_sparsity=args.layer_sparsity, out=args.out, data_root=args.data_root,
                   seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download,
                   log=_log_to_stderr(args.json))
@@ -133,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. flops=0.4 or params=0.014 (default: the study's budget)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a hyperparameter of the method (repeatable)")
+    p.add_argument("--finetune", action="append", metavar="KEY=VALUE",
+                   help="override the study's fine-tune recipe, e.g. epochs=20 or lr=1e-3 "
+                        "(repeatable)")
     p.add_argument("--layer-sparsity", default=None, metavar="L=S,...",
                    help="explicit per-layer sparsities instead of the budget projection")
     p.add_argument("--dense-checkpoint", default=None,
@@ -148,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_command as add_export
 
     add_export(sub)
+    for p in (parser, *sub.choices.values()):
+        _one_line_errors(p)
     return parser
 
 

@@ -36,6 +36,16 @@ class Recipe:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "gamma",
+                     "label_smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(f"recipe {name} must be a number, got {v!r}")
+        if not isinstance(self.batch_size, int):
+            raise UserError(f"recipe batch_size must be an integer, got {self.batch_size!r}")
+        if not isinstance(self.milestones, (list, tuple)) or not all(
+                isinstance(m, (int, float)) and not isinstance(m, bool) for m in self.milestones):
+            raise UserError(f"recipe milestones must be a list of numbers, got {self.milestones!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise UserError(f"recipe optimizer must be sgd or adam, got '{self.optimizer}'")
         if self.schedule not in ("cosine", "step", "constant"):

@@ -41,7 +41,13 @@ class Workbench:
     def open(cls, study: Study, out_dir: str | Path, *, data_root: str | None = None,
              seed: int = 0, device: torch.device | str | None = None,
              checkpoint: str | None = None, download: bool = False,
-             log: Callable[[str], None] = lambda s: None) -> Workbench:
+             log: Callable[[str], None] = lambda s: None,
+             check_layers: Callable[[list[str]], None] | None = None) -> Workbench:
+        """Load the data and the dense baseline (trained once per configuration, then cached).
+
+        `check_layers` sees the prunable layer names before the dense model is trained, so
+        input that names layers is refused in seconds, not after the dense training.
+        """
         device = torch.device(device) if device else default_device()
         data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
                             seed=seed, device=device, download=download)
@@ -49,10 +55,12 @@ class Workbench:
             data = data.subset(train=study.train_subset)
         torch.manual_seed(seed)  # the dense model's initialisation is part of the study
         model = cls._build(study, data)
+        accountant = Accountant(model, data.example())  # shapes only: weights do not matter
+        if check_layers is not None:
+            check_layers(list(accountant.graph.layers))
         record = dense_baseline(study, model, data, Path(out_dir) / "dense", seed=seed,
                                 checkpoint=checkpoint, log=log)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        accountant = Accountant(model, data.example())
         record = {**record, "flops": accountant.dense_macs, "params": accountant.dense_params}
         return cls(study, data, state, record, accountant, seed)
 

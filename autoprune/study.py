@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import yamlio
 from .engine import Recipe
 from .errors import UserError
 from .paths import STUDIES_DIR, resolve_yaml
@@ -56,12 +55,7 @@ def load_study(name_or_path: str) -> Study:
     if path is None:
         names = ", ".join(p.stem for p in sorted(STUDIES_DIR.glob("*.yaml")))
         raise UserError(f"unknown study '{name_or_path}' (not a file; built-in: {names})")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise UserError(f"{path}:{where} is not valid YAML") from None
+    d = yamlio.load(path, "study")
     return study_from_dict(d, str(path))
 
 

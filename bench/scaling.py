@@ -87,7 +87,8 @@ def main() -> int:
 
     # Start Ray before either setting (search() reuses a running Ray), so that neither pays for
     # it; bench/overhead.py reports that one-time cost.
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             log_to_driver=False,
              configure_logging=True, logging_level="warning")
     runs: dict[int, list] = {1: [], 2: []}
     for r in range(args.repeats):

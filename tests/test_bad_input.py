@@ -104,6 +104,14 @@ CASES = [
     ("prune-set-form", ["prune", "--method", "magnitude", "--set", "epochs"], "key=value"),
     ("prune-budget", ["prune", "--method", "magnitude", "--budget", "flops=0"],
      "must be a fraction"),
+    ("prune-layer-name", ["prune", "--method", "magnitude", "--layer-sparsity", "conv9=0.5"],
+     "conv9"),
+    ("prune-layer-value", ["prune", "--method", "magnitude", "--layer-sparsity", "conv1=1.5"],
+     "must be in [0, 1)"),
+    ("prune-finetune-key", ["prune", "--method", "magnitude", "--finetune", "bogus=1"],
+     "--finetune 'bogus=1'"),
+    ("prune-finetune-type", ["prune", "--method", "magnitude", "--finetune", "epochs=abc"],
+     "epochs must be a number"),
 ]
 
 

@@ -307,3 +307,27 @@ def test_builtin_spaces_validate_for_the_registered_methods(name):
     s = SearchSpace.from_dict(d, source=name)
     assert "magnitude" in s.methods
     assert s.target_floor == 0.6 and s.max_sparsity == 0.99
+
+
+def test_exponent_numbers_are_floats_in_space_and_study_files(tmp_path):
+    """`1e-3` and `1.0e6` are strings to PyYAML (YAML 1.1); users mean numbers (YAML 1.2)."""
+    from autoprune.study import load_study
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("methods:\n  admm: {rho: {low: 1e-4, high: 1e-1, log: true}}\n"
+                          "finetune: {lr: 5e-4}\n")
+    space = SearchSpace.load(space_file)
+    rho = space.methods["admm"]["rho"]
+    assert (rho.low, rho.high) == (1e-4, 1e-1)
+    assert space.finetune["lr"].value == 5e-4
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text("model: lenet-digits\ndataset: digits\n"
+                          "dense: {lr: 1e-3, epochs: 2}\nfinetune: {weight_decay: 5.0e0}\n")
+    study = load_study(str(study_file))
+    assert study.dense.lr == 1e-3 and isinstance(study.dense.epochs, int)
+    assert study.finetune.weight_decay == 5.0
+    # strings that only look numeric stay strings; the recipe then names the bad key
+    study_file.write_text("model: lenet-digits\ndataset: digits\ndense: {lr: 1e}\n")
+    with pytest.raises(UserError, match="lr must be a number"):
+        load_study(str(study_file))

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import NoReturn
 
 from ..errors import UserError
 
@@ -16,15 +15,6 @@ def _log(quiet: bool):
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
     return log
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Bad arguments get one line (and exit code 2), not argparse's usage block."""
-    def error(message: str) -> NoReturn:
-        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -124,7 +114,6 @@ def add_commands(sub, common) -> None:
     p = sub.add_parser("search", help="search pruning methods, per-layer sparsity and "
                                       "hyperparameters under a budget (Ray Tune + Optuna)")
     common(p)
-    _one_line_errors(p)
     p.add_argument("--space", default=None, help="search space YAML (default: the study's)")
     p.add_argument("--budget", default=None,
                    help="e.g. flops=0.4, params=0.02 or flops=0.4,params=0.3 "
@@ -164,7 +153,6 @@ def add_commands(sub, common) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
-    _one_line_errors(p)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
     p.add_argument("--out", default="autoprune-runs")
@@ -175,7 +163,6 @@ def add_commands(sub, common) -> None:
                         "everyone who can reach this machine)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
-    _one_line_errors(p)
 
 
 __all__ = ["add_commands", "UserError"]

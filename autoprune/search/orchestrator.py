@@ -338,7 +338,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             layers = wb.layers
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=OBJECTIVES, mode=MODES, sampler=sampler,
-                                     storage=storage, study_name=study.name, seed=opts.seed)
+                                     storage=storage, study_name=study.name)
             scheduler = None
             if opts.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
@@ -428,7 +428,9 @@ def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
                             f"{str(exc).strip().splitlines()[0]}") from None
     else:
         num_gpus = None
-        ray.init(num_cpus=os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+        # address="local": a new local instance even where `ray start` left one running
+        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=num_gpus,
+                 include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="warning")
     log(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs")

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import yamlio
 from ..engine import Recipe
 from ..errors import UserError
 
@@ -105,17 +104,7 @@ class SearchSpace:
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise UserError(f"cannot read search space {p}: {exc.strerror}") from None
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UserError(f"{p}: not valid YAML{where}: {problem}") from None
+        d = yamlio.load(p, "search space")
         return cls.from_dict(d, source=str(p))
 
     @classmethod

@@ -1,6 +1,29 @@
-"""autoprune: AutoML search over neural-network pruning (Ray Tune + Optuna + MLflow)."""
+"""autoprune: AutoML search over neural-network pruning (Ray Tune + Optuna + MLflow).
+
+The Python API: `autoprune.search(study, ...)`, `autoprune.prune(study, method, budget, ...)`,
+and for the user's own model and data `autoprune.Study.custom(...)` with
+`autoprune.data.from_tensors(...)` (see README, "Python API"). Everything heavier than this file
+(torch, Ray) is imported on first use, so `autoprune --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# `autoprune.search` names both the API function below and the subpackage autoprune/search/.
+# The first import of a subpackage sets the parent's attribute to it, which would replace the
+# function as soon as anything imports `autoprune.search.orchestrator`. So the subpackage (an
+# empty __init__) is imported here, before `def search`: later imports find it in sys.modules
+# and leave the function in place.
+from . import search as _search_package  # noqa: F401
 
 __version__ = "0.1.0"
+
+# name -> (submodule, attribute) resolved on first access
+_LAZY = {"Study": ("study", "Study"), "TensorData": ("data", "TensorData"),
+         "from_tensors": ("data", "from_tensors"), "UserError": ("errors", "UserError")}
+_SUBMODULES = {"api", "data", "errors", "models", "study"}
 
 
 def search(*args, **kwargs):
@@ -15,3 +38,13 @@ def prune(*args, **kwargs):
     from .api import prune as _prune
 
     return _prune(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """`autoprune.Study`, `autoprune.data.from_tensors`, ... without importing torch up front."""
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,9 @@
 """The Python API: what the CLI does, as functions that take and return plain values.
 
 `prune` runs one method with fixed settings; `search` (search/orchestrator.py) runs the
-Ray Tune + Optuna search. Users with their own model or data call these directly.
+Ray Tune + Optuna search. Both take a study name or file, or a `Study`; users with their own
+model and data make one with `Study.custom(name, model=..., data=...)` (an `nn.Module`, trained
+or not, or a model factory; a `TensorData` from `autoprune.data.from_tensors`, or tensors).
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
           out: str | Path = "autoprune-runs", data_root: str | None = None, seed: int = 0,
           checkpoint: str | None = None, finetune: dict[str, Any] | None = None,
           download: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run one pruning method with fixed settings; return its metrics (see pipeline.run_pruning)."""
+    """Run one pruning method with fixed settings; return its metrics (see pipeline.run_pruning).
+
+    `study` is a name, a .yaml path or a `Study` (`Study.custom` for the user's own model and
+    data; `data_root` and `download` do not apply to it). The dense baseline's accuracies are
+    in `dense_val_accuracy` / `dense_test_accuracy`.
+    """
     st = study if isinstance(study, Study) else load_study(study)
     get_method(method).make_params(**(params or {}))  # validate before loading anything
     b = budget if isinstance(budget, Budget) else Budget.parse(budget or st.budget)
@@ -92,6 +99,9 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
 def search(study: str | Study = "digits-lenet", budget: str | None = None, *,
            log: Callable[[str], None] = lambda s: None, **options: Any) -> dict:
     """Run (or with `resume=True` continue) a search; the CLI's `autoprune search` calls this.
+
+    `study` is a name, a .yaml path or a `Study`; a `Study.custom` travels to the Ray workers
+    with its model (code included when its module may not be importable there) and data.
 
     `options` are the fields of `autoprune.search.orchestrator.SearchOptions` (trials, workers,
     sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that

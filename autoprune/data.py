@@ -9,12 +9,16 @@ Data roots: `--data-root`, else `$AUTOPRUNE_DATA`, else `~/.cache/autoprune/data
 torchvision expects (`<root>/MNIST/raw`, `<root>/FashionMNIST/raw`, `<root>/cifar-10-batches-py`).
 Nothing is downloaded unless `download=True` is asked for; a missing dataset is a one-line error
 that says where the files must be.
+
+A user's own data enters through `from_tensors` (train/test tensors, a seeded validation split);
+it is taken as already normalised, since only its owner knows how it should be.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,7 @@ class DatasetInfo:
     num_classes: int
     augment: bool  # random crop + flip during training
     folder: str  # where torchvision keeps it under the root ('' for bundled data)
+    input_shape: tuple[int, ...] = ()  # one example's shape (user data; built-ins leave it empty)
 
 
 DATASETS = {
@@ -52,11 +57,15 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The data root: the explicit one, else $AUTOPRUNE_DATA, else the user cache."""
+    """The data root: the explicit one, else $AUTOPRUNE_DATA, else the user cache.
+
+    Always absolute: trial workers run in other directories (and on other nodes), so a path
+    relative to where the user typed the command means nothing to them.
+    """
     if explicit:
-        return Path(explicit).expanduser()
+        return Path(explicit).expanduser().resolve()
     if os.environ.get("AUTOPRUNE_DATA"):
-        return Path(os.environ["AUTOPRUNE_DATA"]).expanduser()
+        return Path(os.environ["AUTOPRUNE_DATA"]).expanduser().resolve()
     return Path.home() / ".cache" / "autoprune" / "data"
 
 
@@ -85,6 +94,41 @@ class TensorData:
              ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")}
         return TensorData(self.info, **t)
 
+    def fingerprint(self) -> str:
+        """A content hash of the six tensors (shapes, dtypes, values).
+
+        Part of the dense-cache key of a study on user data: two data sets that differ in any
+        value never share a cached dense baseline.
+        """
+        h = hashlib.sha256()
+        for name in _SPLITS:
+            t = getattr(self, name).detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def validate(self) -> TensorData:
+        """Refuse (`UserError`) what training would trip over later with an obscure error.
+
+        Inputs are floating point and finite, with one feature shape in all three splits; labels
+        are 1-D integer class ids in [0, num_classes), as many as inputs. Returns self.
+        """
+        shape = None
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            _check_pair(split, x, y)
+            if shape is not None and tuple(x.shape[1:]) != shape:
+                raise UserError(f"{split} inputs have shape {tuple(x.shape[1:])} per example, "
+                                f"train inputs {shape}")
+            shape = tuple(x.shape[1:])
+            if y.numel() and int(y.max()) >= self.info.num_classes:
+                raise UserError(f"{split} labels go up to {int(y.max())}, but the data has "
+                                f"{self.info.num_classes} classes")
+        if self.train_x.shape[0] == 0 or self.val_x.shape[0] == 0 or self.test_x.shape[0] == 0:
+            raise UserError(f"every split needs examples: {self.train_x.shape[0]} train, "
+                            f"{self.val_x.shape[0]} validation, {self.test_x.shape[0]} test")
+        return self
+
     def subset(self, train: int | None = None, test: int | None = None) -> TensorData:
         """The first `train`/`test` examples (shuffled by the split): tests and smoke runs."""
         return TensorData(self.info, self.train_x[:train], self.train_y[:train], self.val_x,
@@ -102,6 +146,88 @@ class TensorData:
             if do_aug:
                 x = crop_flip(x, generator)
             yield x, self.train_y[idx]
+
+
+_SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+
+
+def _check_pair(split: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One split's inputs and labels, as `TensorData.validate` wants them (else `UserError`)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise UserError(f"{split} inputs and labels must be tensors, got {type(x).__name__} "
+                        f"and {type(y).__name__}")
+    if not x.is_floating_point():
+        raise UserError(f"{split} inputs must be floating point and already normalised, got "
+                        f"{x.dtype} (e.g. convert images with x.float() / 255, then standardise)")
+    if x.dim() < 2:
+        raise UserError(f"{split} inputs must have a batch dimension and at least one feature "
+                        f"dimension, got shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise UserError(f"{split} labels must be a 1-D tensor of integer class ids, got "
+                        f"{y.dtype} of shape {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"{split} has {x.shape[0]} inputs but {y.shape[0]} labels")
+    if y.numel() and int(y.min()) < 0:
+        raise UserError(f"{split} labels must be class ids >= 0, found {int(y.min())}")
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"{split} inputs hold NaN or infinite values")
+
+
+def _as_tensor(split: str, what: str, value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(value))
+        # NumPy's default float64 would not run through a float32 model: use torch's default
+        return t.float() if t.dtype == torch.float64 else t
+    raise UserError(f"{split} {what} must be a torch tensor or a NumPy array, got "
+                    f"{type(value).__name__}")
+
+
+def _as_pair(split: str, pair: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+        raise UserError(f"{split} must be a pair (inputs, labels), got {type(pair).__name__}")
+    x, y = _as_tensor(split, "inputs", pair[0]), _as_tensor(split, "labels", pair[1])
+    _check_pair(split, x, y)
+    return x, y.long()
+
+
+def from_tensors(train: Sequence, test: Sequence, *, val: Sequence | None = None,
+                 val_fraction: float = 0.1, seed: int = 0, num_classes: int | None = None,
+                 name: str = "custom") -> TensorData:
+    """A user's own data as a `TensorData`: `train`, `test` (and `val`) are (inputs, labels).
+
+    Inputs are float tensors (or NumPy arrays; float64 ones become float32) of shape (N, ...)
+    taken as they are: they must already be normalised the way the model expects, since only
+    the user knows how (built-in data sets are standardised per channel by `load_dataset`).
+    Labels are integer class ids. Without `val`, a validation split of `val_fraction` is carved
+    from training with `seed`, by the same seeded split as `load_dataset`, so it is
+    reproducible. `num_classes` defaults to the largest label + 1. Tensors are moved to the
+    CPU (not copied when already there); a pruning run moves them to its device.
+    """
+    train_x, train_y = _as_pair("train", train)
+    test_x, test_y = _as_pair("test", test)
+    if val is not None:
+        val_x, val_y = _as_pair("val", val)
+    else:
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+                or not 0 < val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"seed must be an integer, got {seed!r}")
+        train_x, train_y, val_x, val_y = _split(train_x, train_y, float(val_fraction), seed)
+    top = max((int(t.max()) for t in (train_y, val_y, test_y) if t.numel()), default=0)
+    if num_classes is None:
+        num_classes = max(top + 1, 2)
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(name, str) or not name:
+        raise UserError(f"the data's name must be a non-empty string, got {name!r}")
+    shape = tuple(int(s) for s in train_x.shape[1:])
+    info = DatasetInfo(name, in_channels=shape[0] if len(shape) > 1 else 1,
+                       image_size=shape[-1] if len(shape) > 1 else 0, num_classes=num_classes,
+                       augment=False, folder="", input_shape=shape)
+    return TensorData(info, train_x, train_y, val_x, val_y, test_x, test_y).validate()
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

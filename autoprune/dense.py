@@ -53,7 +53,11 @@ def dense_baseline(study: Study, model: nn.Module, data: TensorData, cache_dir: 
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Put dense weights into `model` (in place) and return their record.
 
-    The record has `path`, `key`, `val_accuracy`, `test_accuracy`, `epochs`.
+    The record has `path`, `key`, `val_accuracy`, `test_accuracy`, `epochs`. A custom study's
+    given module (`Study.custom` without `train_dense`) is its own baseline: `model` already
+    holds its weights, which are measured, never trained or cached. Otherwise the cache key
+    hashes `study.key_config()`: names for a study file, the architecture, weights and data
+    contents for a custom study, so two different user models never share a baseline.
     """
     if checkpoint:
         model.load_state_dict(load_state(checkpoint, model))
@@ -62,6 +66,11 @@ def dense_baseline(study: Study, model: nn.Module, data: TensorData, cache_dir: 
                 "val_accuracy": evaluate(model, data.val_x, data.val_y),
                 "test_accuracy": evaluate(model, data.test_x, data.test_y)}
     key = config_hash({**study.key_config(), "seed": seed})
+    if study.objects is not None and not study.objects.train_dense:
+        model.to(data.device)
+        return {"path": None, "key": f"given-module-{key}", "epochs": 0,
+                "val_accuracy": evaluate(model, data.val_x, data.val_y),
+                "test_accuracy": evaluate(model, data.test_x, data.test_y)}
     path = Path(cache_dir) / f"{study.name}-{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():

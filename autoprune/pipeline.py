@@ -46,11 +46,16 @@ class Workbench:
         """Load the data and the dense baseline (trained once per configuration, then cached).
 
         `check_layers` sees the prunable layer names before the dense model is trained, so
-        input that names layers is refused in seconds, not after the dense training.
+        input that names layers is refused in seconds, not after the dense training. A custom
+        study (`Study.custom`) brings its data along: `data_root` and `download` do not apply,
+        and its validation split was fixed when the data was made.
         """
         device = torch.device(device) if device else default_device()
-        data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
-                            seed=seed, device=device, download=download)
+        if study.objects is not None:
+            data = study.objects.data.to(device)
+        else:
+            data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
+                                seed=seed, device=device, download=download)
         if study.train_subset:
             data = data.subset(train=study.train_subset)
         torch.manual_seed(seed)  # the dense model's initialisation is part of the study
@@ -66,6 +71,8 @@ class Workbench:
 
     @staticmethod
     def _build(study: Study, data: TensorData) -> nn.Module:
+        if study.objects is not None:  # the user's module (a copy) or factory
+            return study.objects.build().to(data.device)
         info = data.info
         return build_model(study.model, info.num_classes, info.in_channels,
                            info.image_size).to(data.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -104,3 +105,42 @@ def test_second_search_without_resume_is_refused(finished_search, capsys):
     rc = main(["search", "--space", opts.space, "--out", str(out), "--trials", "2"])
     assert rc == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_best_point_rerun_command_repeats_its_plan(finished_search, tmp_path, capsys):
+    """The best point carries the `autoprune prune` command that reruns it alone."""
+    import shlex
+
+    _, _, summary = finished_search
+    best = summary["best"]
+    argv = shlex.split(best["rerun"])
+    assert argv[:2] == ["autoprune", "prune"] and "--layer-sparsity" in argv
+    rc = main([*argv[1:], "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    rerun = json.loads(capsys.readouterr().out)
+    assert rerun["method"] == best["method"]
+    assert rerun["within_budget"]
+    # the same per-layer plan, hence the same size (the run seed differs from the trial's)
+    assert rerun["targets"] == pytest.approx(best["layer_sparsity"], abs=1e-6)
+    assert rerun["params_frac"] == pytest.approx(best["params_frac"], abs=1e-3)
+
+
+def test_relative_data_root_reaches_the_workers(ray_session, mnist_root, tmp_path, monkeypatch,
+                                                tiny_space):
+    """`--data-root ../data` is relative to the user's shell; Ray workers run elsewhere."""
+    import os
+
+    study = tmp_path / "mnist-small.yaml"
+    study.write_text("model: lenet300\ndataset: mnist\ndata: {train_subset: 600}\n"
+                     "dense: {epochs: 1, optimizer: adam, lr: 1e-3}\n"
+                     "prune: {optimizer: adam, lr: 1e-3}\n"
+                     "finetune: {epochs: 1, optimizer: adam, lr: 1e-3}\n")
+    root = Path(mnist_root).resolve()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("AUTOPRUNE_DATA", raising=False)
+    relative = os.path.relpath(root, work)
+    summary = search(SearchOptions(study=str(study), space=tiny_space, budget="flops=0.5",
+                                   trials=2, workers=2, out="runs", data_root=relative))
+    assert summary["errors"] == [] and summary["trials_completed"] == 2, summary["errors"]

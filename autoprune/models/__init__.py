@@ -5,9 +5,12 @@ User code is imported only when it is named explicitly (on the command line or i
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import types
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import UserError
@@ -68,3 +71,51 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1,
             raise UserError(f"user model '{name}' returned {type(model).__name__}, not a Module")
         return model
     raise UserError(f"unknown model '{name}'; choose one of {', '.join(available_models())}")
+
+
+def _code_digest(h: hashlib._Hash, code: types.CodeType) -> None:
+    """Feed a function's bytecode, names and constants (nested code included) to `h`."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames)).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_digest(h, const)
+        elif isinstance(const, frozenset):  # its repr's order changes with the hash seed
+            h.update(repr(sorted(map(repr, const))).encode())
+        else:
+            h.update(repr(const).encode())
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """What makes two models the same architecture, as a hash (the dense-cache key of a model
+    given as a Python object, which has no name to key on).
+
+    Covers the module tree's repr (layer types and their settings), every parameter's and
+    buffer's name, shape and dtype, and the code of user-defined module classes (so editing a
+    `forward` invalidates the cached dense baseline). Weights are not covered: see
+    `weights_hash`.
+    """
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    classes = {type(m) for m in model.modules()}
+    for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        h.update(f"{cls.__module__}.{cls.__qualname__};".encode())
+        if cls.__module__.split(".")[0] == "torch":
+            continue  # torch's own layers are covered by the repr and the torch version
+        for attr, value in sorted(vars(cls).items()):
+            code = getattr(value, "__code__", None)
+            if isinstance(code, types.CodeType):
+                h.update(attr.encode())
+                _code_digest(h, code)
+    return h.hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """A content hash of a model's parameters and buffers (a given module's identity)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..budget import Budget
+from ..data import data_root
 from ..errors import UserError
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
@@ -47,7 +48,7 @@ KILLED_ATTR = "killed"  # user attr of trials stopped by an interrupted or dead 
 
 @dataclass
 class SearchOptions:
-    study: str = "digits-lenet"
+    study: str | Study = "digits-lenet"  # a name, a .yaml path, or a Study (e.g. Study.custom)
     space: str | None = None
     budget: str | None = None
     trials: int | None = None
@@ -253,7 +254,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
     from .searcher import PruningSearch
     from .trial import run_trial
 
-    study = load_study(opts.study)
+    study = opts.study if isinstance(opts.study, Study) else load_study(opts.study)
     budget = Budget.parse(opts.budget or study.budget)
     space_path = _space_path(opts, study)
     space = SearchSpace.load(space_path)
@@ -308,8 +309,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
                          "scheduler": opts.scheduler, "seed": opts.seed,
-                         "optuna_storage": _redact(storage_url), "model": study.model,
-                         "dataset": study.dataset}
+                         "optuna_storage": _redact(storage_url), **study.describe()}
         # One parent run per study: reused by --resume, and by a rerun of a search that was
         # stopped before its first trial.
         parent = ot_study.user_attrs.get(PARENT_ATTR)
@@ -330,10 +330,13 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
         interrupted = False
         progress = ProgressCallback(total=trials, done_before=done, budget=budget, log=log)
         if remaining > 0:
+            if study.objects is not None:  # a custom study's model code goes to the workers
+                study.objects.ship_by_value()
             ctx = TrialContext(study=study, space=space, out=str(out),
                                study_dir=str(study_dir), budget=str(budget),
-                               data_root=opts.data_root, seed=opts.seed,
-                               cpus=opts.cpus_per_trial, checkpoint=opts.dense_checkpoint,
+                               data_root=str(data_root(opts.data_root)), seed=opts.seed,
+                               cpus=opts.cpus_per_trial, checkpoint=_absolute(
+                                   opts.dense_checkpoint),
                                faults=test_faults())
             layers = wb.layers
             searcher = PruningSearch(space=Suggest(space, layers),
@@ -372,7 +375,8 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             reconcile(ot_study, tracker, parent_id)
 
         summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
-                            status=status)
+                            status=status,
+                            study_ref=_study_ref(opts.study))
         summary["resume_hint"] = resume_hint(opts) if interrupted else None
         summary["interrupted"] = interrupted
         summary["parent_run_id"] = parent_id
@@ -384,8 +388,15 @@ def resume_hint(opts: SearchOptions) -> str:
     """The command that continues this search (what an interrupted search prints)."""
     import shlex
 
+    study = opts.study
+    if isinstance(study, Study):
+        if study.objects is not None or not Path(study.source).is_file():
+            # made in Python: only the same call can bring the same study back
+            return (f"call autoprune.search again with the same study, out={opts.out!r} and "
+                    f"resume=True")
+        study = study.source
     defaults = SearchOptions()
-    parts = ["autoprune", "search", "--study", opts.study, "--out", opts.out]
+    parts = ["autoprune", "search", "--study", study, "--out", opts.out]
     for flag, value in (("--space", opts.space), ("--budget", opts.budget),
                         ("--trials", opts.trials), ("--ray-address", opts.ray_address),
                         *((f"--{k.replace('_', '-')}", getattr(opts, k))
@@ -493,12 +504,29 @@ def trial_points(ot_study: optuna.Study) -> list[dict]:
                        "run_id": t.user_attrs.get("run_id"),
                        "checkpoint": t.user_attrs.get("checkpoint"),
                        "hparams": t.user_attrs.get("hparams"),
+                       # per-layer sparsities and fine-tune overrides: with method and hparams,
+                       # all `autoprune prune` needs to rerun this trial alone (e.g. longer)
+                       "layer_sparsity": _json_attr(t, "targets"),
+                       "finetune": _json_attr(t, "finetune_overrides"),
                        "feasible": violation <= 1e-12})
     return points
 
 
+def _json_attr(t: optuna.trial.FrozenTrial, key: str) -> dict | None:
+    value = t.user_attrs.get(key)
+    try:
+        return json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        return None
+
+
 def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, dense: dict,
-              study_name: str, status: str = "FINISHED") -> dict:
+              study_name: str, status: str = "FINISHED", study_ref: str | None = None) -> dict:
+    """Counts, the front and the best point inside the budget (what `--json` prints).
+
+    `study_ref` is how the command line can name the study (a built-in name or a file path),
+    for the best point's rerun command; None for a study made in Python (no command can).
+    """
     from ..pareto import front
 
     points = trial_points(ot_study)
@@ -507,6 +535,9 @@ def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, d
     idx = front(feasible) if feasible else []
     pareto = sorted((feasible[i] for i in idx), key=lambda p: p["flops_frac"])
     best = max(feasible, key=lambda p: p["val_accuracy"], default=None)
+    if best is not None:
+        best = {**best, "rerun": rerun_command(best, study_ref, str(budget))
+                if study_ref else None}
     ended = ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     killed = sum(1 for t in ended if t.user_attrs.get(KILLED_ATTR))
     errors = sorted({str(t.user_attrs["error"]) for t in ended if t.user_attrs.get("error")})
@@ -519,6 +550,45 @@ def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, d
 
 def options_dict(opts: SearchOptions) -> dict:
     return asdict(opts)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Workers run elsewhere: they get absolute paths (URIs pass through)."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _study_ref(study: str | Study) -> str | None:
+    """How `autoprune prune --study` can name this study, if it can."""
+    if isinstance(study, str):
+        return study
+    if study.objects is None and Path(study.source).is_file():
+        return study.source
+    return None
+
+
+def rerun_command(point: dict, study: str, budget: str) -> str | None:
+    """The `autoprune prune` command that repeats one trial of the front on its own.
+
+    A search trains each trial briefly; the usual last step is to retrain the chosen one with
+    a longer fine-tune (append `--finetune epochs=N`). None when the trial predates the
+    recording of its per-layer sparsities.
+    """
+    import shlex
+
+    layers = point.get("layer_sparsity")
+    if not layers or not point.get("method"):
+        return None
+    hp = json.loads(point["hparams"]) if point.get("hparams") else {}
+    parts = ["autoprune", "prune", "--study", study, "--method", str(point["method"]),
+             "--budget", budget]
+    for k, v in hp.items():
+        parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    for k, v in (point.get("finetune") or {}).items():
+        parts += ["--finetune", f"{k}={v}"]
+    parts += ["--layer-sparsity", ",".join(f"{k}={v:.6g}" for k, v in layers.items())]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def print_front(summary: dict, stream=sys.stdout) -> None:
@@ -542,5 +612,7 @@ def print_front(summary: dict, stream=sys.stdout) -> None:
         b = summary["best"]
         print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",
               file=stream)
+        if b.get("rerun"):
+            print(f"rerun it alone (e.g. with a longer fine-tune): {b['rerun']}", file=stream)
     else:
         print("no completed trial met the budget", file=stream)

@@ -83,7 +83,14 @@ _BENCHES: dict[tuple, Workbench] = {}
 
 
 def workbench(ctx: TrialContext) -> Workbench:
-    key = (ctx.study.source, ctx.study.name, ctx.out, ctx.data_root, ctx.seed, ctx.checkpoint)
+    """This process's `Workbench` of the trial's study, opened on first use.
+
+    Keyed by the study's fingerprint as well as its name and source: two custom studies
+    (`Study.custom`, all of source '<python>') of the same name but other models or data must
+    not share one.
+    """
+    key = (ctx.study.source, ctx.study.name, ctx.study.fingerprint(), ctx.out, ctx.data_root,
+           ctx.seed, ctx.checkpoint)
     if key not in _BENCHES:
         _BENCHES.clear()  # one study per process at a time
         _BENCHES[key] = Workbench.open(ctx.study, ctx.out, data_root=ctx.data_root,

@@ -48,3 +48,49 @@ def ray_session():
                  logging_level="warning")
     yield ray
     ray.shutdown()
+
+
+TINY_SPACE = """
+methods:
+  magnitude:
+    gradual: {choices: [false, true]}
+    epochs: 1
+  admm:
+    rho: {low: 1.0e-4, high: 1.0e-2, log: true}
+    admm_iters: 2
+    epochs_per_iter: 0.5
+finetune:
+  epochs: 1
+sparsity:
+  target_floor: 0.6
+  allocation: {low: 0.05, high: 0.95}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tmp_path_factory) -> str:
+    """A search space small enough for searches of a few seconds per trial on digits."""
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pretrained(digits) -> dict[str, torch.Tensor]:
+    """Dense weights of the digits LeNet (3 epochs of SGD), shared by the methods' tests."""
+    from autoprune.engine import Recipe, train
+    from autoprune.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet-digits", 10, 1, 8)
+    train(model, digits, Recipe(epochs=3, lr=0.05, batch_size=64))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def fresh_digits_lenet(pretrained: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new digits LeNet holding `pretrained`."""
+    from autoprune.models import build_model
+
+    model = build_model("lenet-digits", 10, 1, 8)
+    model.load_state_dict(pretrained)
+    return model

@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import fresh_digits_lenet
 from torch import nn
 
 from autoprune.data import TensorData, dataset_info
@@ -198,23 +199,9 @@ def test_radmm_z_step_is_reweighted_soft_threshold(tiny) -> None:
 
 
 # -- end to end on digits ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(digits) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = build_model("lenet-digits", 10, 1, 8)
-    train(model, digits, Recipe(epochs=2, lr=0.05, batch_size=64))
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _fresh(pretrained) -> nn.Module:
-    model = build_model("lenet-digits", 10, 1, 8)
-    model.load_state_dict(pretrained)
-    return model
-
-
 @pytest.mark.parametrize("method", ["admm", "radmm"])
 def test_weight_targets_exact_and_zeros_stay(digits, pretrained, method) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     params = {"admm_iters": 2, "epochs_per_iter": 0.5}
     res = prune_and_finetune(model, digits, graph, method, WEIGHT_TARGETS, params,
@@ -231,7 +218,7 @@ def test_weight_targets_exact_and_zeros_stay(digits, pretrained, method) -> None
 
 
 def test_filter_granularity_on_digits(digits, pretrained) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     acct = Accountant(model, digits.example(), graph)
     params = {"admm_iters": 2, "epochs_per_iter": 0.5, "granularity": "filter"}
@@ -286,10 +273,10 @@ def test_resnet20_filter_granularity() -> None:
 
 def test_w_step_pulls_weights_toward_z(digits, pretrained) -> None:
     """After one iteration U = W - Z^1, the distance of W to the sparse set: strong rho cuts it."""
-    graph = build_channel_graph(_fresh(pretrained), digits.example())
+    graph = build_channel_graph(fresh_digits_lenet(pretrained), digits.example())
     dist = {}
     for rho in (1e-5, 1.0):
-        model = _fresh(pretrained)
+        model = fresh_digits_lenet(pretrained)
         pr = ADMM(model, WEIGHT_TARGETS, graph, rho=rho, admm_iters=1, epochs_per_iter=1.0)
         train(model, digits, Recipe(epochs=1, lr=0.05, batch_size=64), hooks=[pr], seed=3)
         assert pr.iteration == 1

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import fresh_digits_lenet
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -244,20 +245,6 @@ def test_zero_filters_lowest_norm_exact() -> None:
 
 
 # -- end to end on digits ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(digits) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = build_model("lenet-digits", 10, 1, 8)
-    train(model, digits, Recipe(epochs=3, lr=0.05, batch_size=64))
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _fresh(pretrained) -> nn.Module:
-    model = build_model("lenet-digits", 10, 1, 8)
-    model.load_state_dict(pretrained)
-    return model
-
-
 @pytest.mark.parametrize("method,params", [
     ("l0", {"epochs": 1.0}),
     ("l0", {"epochs": 1.0, "init_drop": 0.1, "lam": 5.0}),
@@ -265,7 +252,7 @@ def _fresh(pretrained) -> nn.Module:
     ("adaptive_l1", {"epochs": 1.0, "levels": "kernel,weight"}),
 ])
 def test_weight_targets_exact_and_zeros_stay(digits, pretrained, method, params) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     res = prune_and_finetune(model, digits, graph, method, WEIGHT_TARGETS, params,
                              PRUNE, FINETUNE)
@@ -280,7 +267,7 @@ def test_weight_targets_exact_and_zeros_stay(digits, pretrained, method, params)
 
 
 def test_adaptive_l1_drops_filters_of_free_layers_as_dead_channels(digits, pretrained) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     res = prune_and_finetune(model, digits, graph, "adaptive_l1", WEIGHT_TARGETS,
                              {"epochs": 0.5}, PRUNE, FINETUNE)
@@ -299,7 +286,7 @@ def test_adaptive_l1_drops_filters_of_free_layers_as_dead_channels(digits, pretr
     ("l0", {"epochs": 1.0, "granularity": "filter"}),
 ])
 def test_filter_methods_leave_dead_channels(digits, pretrained, method, params) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     acct = Accountant(model, digits.example(), graph)
     res = prune_and_finetune(model, digits, graph, method, FILTER_TARGETS, params,
@@ -340,7 +327,7 @@ class _RegrowthSpy(TrainHook):
 
 
 def test_asfp_schedule_and_regrowth(digits, pretrained) -> None:
-    model = _fresh(pretrained)
+    model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     pr = ASFP(model, {"conv2": 0.5, "fc1": 0.5}, graph, epochs=4.0)
     spy = _RegrowthSpy(model, "fc1")

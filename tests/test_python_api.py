@@ -23,21 +23,6 @@ from autoprune.dense import config_hash
 from autoprune.errors import UserError
 from autoprune.study import Study
 
-SPACE = """
-methods:
-  magnitude:
-    gradual: {choices: [false, true]}
-    epochs: 1
-  admm:
-    rho: {low: 1.0e-4, high: 1.0e-2, log: true}
-    admm_iters: 2
-    epochs_per_iter: 0.5
-finetune:
-  epochs: 1
-sparsity:
-  target_floor: 0.6
-  allocation: {low: 0.05, high: 0.95}
-"""
 ADAM = {"optimizer": "adam", "lr": 0.01, "batch_size": 64, "weight_decay": 0.0}
 RECIPES = {"dense": {**ADAM, "epochs": 3},
            "prune": {**ADAM, "lr": 0.002, "schedule": "constant"},
@@ -109,13 +94,6 @@ def trained_net(tensors) -> TinyNet:
     finally:
         torch.set_num_threads(threads)
     return net
-
-
-@pytest.fixture(scope="module")
-def tiny_space(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
-    path.write_text(SPACE)
-    return str(path)
 
 
 def test_autoprune_search_stays_the_function_after_its_subpackage_is_imported():

@@ -14,29 +14,6 @@ from autoprune.cli import main
 from autoprune.pareto import front
 from autoprune.search.orchestrator import SearchOptions, search
 
-TINY_SPACE = """
-methods:
-  magnitude:
-    gradual: {choices: [false, true]}
-    epochs: 1
-  admm:
-    rho: {low: 1.0e-4, high: 1.0e-2, log: true}
-    admm_iters: 2
-    epochs_per_iter: 0.5
-finetune:
-  epochs: 1
-sparsity:
-  target_floor: 0.6
-  allocation: {low: 0.05, high: 0.95}
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_space(tmp_path_factory):
-    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
-    path.write_text(TINY_SPACE)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def finished_search(ray_session, tmp_path_factory, tiny_space):

@@ -17,34 +17,23 @@ def _log(quiet: bool):
     return log
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(kind: type, minimum: float):
+    """An argparse type: `kind` (int or float) at least `minimum`, else a one-line error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+        if not v >= minimum:  # (also refuses nan)
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
+        return v
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+_positive_int = _number(int, 1)
+_non_negative_int = _number(int, 0)
+_non_negative_float = _number(float, 0)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -122,8 +111,8 @@ def add_commands(sub, common) -> None:
                    help="total number of trials (default: the study's)")
     p.add_argument("--time-limit", default=None, help="stop starting trials after e.g. 30m")
     p.add_argument("--workers", type=_positive_int, default=2, help="concurrent trials")
-    p.add_argument("--cpus-per-trial", type=_positive_float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=_positive_float, default=0.0,
+    p.add_argument("--cpus-per-trial", type=_non_negative_float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0,
                    help="GPUs per trial, fractions allowed (e.g. 0.5)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     p.add_argument("--scheduler", choices=["none", "asha"], default="none",

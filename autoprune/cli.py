@@ -27,6 +27,9 @@ def _quiet_libraries() -> None:
 
     for name in ("optuna", "mlflow", "alembic", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Tune's result analysis warns about trials stopped before their first report (a time
+    # limit, Ctrl-C); our own summary says what happened to them.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*experimental feature.*")
     try:
         import optuna

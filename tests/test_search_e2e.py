@@ -121,3 +121,22 @@ def test_relative_data_root_reaches_the_workers(ray_session, mnist_root, tmp_pat
     summary = search(SearchOptions(study=str(study), space=tiny_space, budget="flops=0.5",
                                    trials=2, workers=2, out="runs", data_root=relative))
     assert summary["errors"] == [] and summary["trials_completed"] == 2, summary["errors"]
+
+
+def test_time_limit_stops_and_resume_finishes(ray_session, tmp_path, tiny_space, capsys):
+    """A search cut by --time-limit says so, records its stopped trials as killed (so they do
+    not count towards --trials), and --resume finishes the budgeted number."""
+    args = ["search", "--space", tiny_space, "--budget", "flops=0.4", "--out", str(tmp_path)]
+    rc = main([*args, "--trials", "3", "--time-limit", "1s"])
+    err = capsys.readouterr().err
+    assert "--time-limit reached" in err and "--resume" in err
+    storage = f"sqlite:///{tmp_path / 'digits-lenet' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="digits-lenet", storage=storage).trials
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert rc == (0 if done else 1)
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+               for t in trials)
+    rc = main([*args, "--trials", "3", "--resume", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials_completed"] == 3 and not summary["time_limit_reached"]

@@ -37,7 +37,8 @@ _non_negative_float = _number(float, 0)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 1 every trial failed, 2 bad input, 130 interrupted (resumable)."""
+    """Exit codes: 0 done (or the time limit reached with trials completed), 1 every trial
+    failed or none completed within the time limit, 2 bad input, 130 interrupted (resumable)."""
     from .orchestrator import SearchOptions, parse_duration, print_front, resume_hint, search
 
     opts = SearchOptions(
@@ -68,6 +69,12 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{summary['trials_killed']} running trials stopped and recorded as killed). "
               f"Resume with:\n  {summary['resume_hint']}", file=sys.stderr)
         return 130
+    if summary.get("time_limit_reached"):
+        print(f"autoprune: --time-limit reached with {summary['trials_completed']} trials "
+              f"completed; trials still running were stopped and recorded as killed. Continue "
+              f"with:\n  {summary['resume_hint']}", file=sys.stderr)
+        if summary["trials_completed"] == 0:
+            return 1  # nothing to show for the time spent
     if summary["trials_completed"] == 0 and summary["trials_failed"] > 0:
         errors = "; ".join(summary["errors"][:3]) or "see the MLflow runs"
         print(f"autoprune: every trial failed ({summary['trials_failed']} of "

@@ -377,8 +377,12 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
         summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
                             status=status,
                             study_ref=_study_ref(opts.study))
-        summary["resume_hint"] = resume_hint(opts) if interrupted else None
+        # the time limit ended the search before the budgeted trials finished
+        timed_out = (opts.time_limit is not None and not interrupted
+                     and finished_count(ot_study) < trials)
+        summary["resume_hint"] = resume_hint(opts) if interrupted or timed_out else None
         summary["interrupted"] = interrupted
+        summary["time_limit_reached"] = timed_out
         summary["parent_run_id"] = parent_id
         summary["tracking_uri"] = tracking_uri
         return summary

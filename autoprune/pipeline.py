@@ -8,7 +8,6 @@ trials pays for them once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,14 +98,10 @@ def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:
 
 
 def size_allocation(accountant: Accountant, layers: list[str]) -> dict[str, float]:
-    """Default per-layer preference: larger layers are pruned harder (logit ~ 0.5 log size).
+    """Default per-layer preference: larger layers pruned harder (see `projection.size_prior`)."""
+    from .search.projection import CostTable, size_prior
 
-    On LeNet-5 this reproduces the shape of the ADMM paper's hand-set ratios (conv1 least,
-    fc1 most) without hand-setting anything.
-    """
-    sizes = {n: accountant.graph.layers[n].weight.numel() for n in layers}
-    mean_log = sum(math.log(s) for s in sizes.values()) / len(sizes)
-    return {n: 1 / (1 + math.exp(-0.5 * (math.log(s) - mean_log))) for n, s in sizes.items()}
+    return size_prior(CostTable.from_accountant(accountant), layers)
 
 
 def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dict[str, float], *,

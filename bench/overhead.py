@@ -60,7 +60,8 @@ def fixed_space(path: Path, epochs: float) -> Path:
     space = {"description": "bench: fixed trials (nothing sampled)",
              "methods": {METHOD: {"gradual": False}},
              "finetune": {"epochs": epochs},
-             "sparsity": {"target_floor": 1.0, "allocation": 0.5, "max_sparsity": 0.99}}
+             "sparsity": {"target_floor": 1.0, "allocation": 0.5, "prior": "none",
+                          "max_sparsity": 0.99}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path

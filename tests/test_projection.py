@@ -234,3 +234,20 @@ def test_bad_arguments(lenet5):
         project(t, {}, {"flops": 0.5}, 0.0, "weight")
     with pytest.raises(ValueError, match="limits"):
         project(t, {}, {"latency": 0.5}, 1.0, "weight")
+
+
+def test_size_prior_and_offsets_from_it(lenet5):
+    """The search's default centre: bigger layers pruned harder; 0.5 offsets give the prior."""
+    from autoprune.search.projection import size_prior, with_prior
+
+    table = lenet5.table
+    prior = size_prior(table)
+    order = sorted(prior, key=prior.get)
+    assert order == sorted(table.layers, key=lambda n: table.layers[n].weights)
+    assert with_prior(dict.fromkeys(prior, 0.5), prior) == pytest.approx(prior)
+    shifted = with_prior({"conv1": 0.9, "fc1": 0.1}, prior)
+    assert shifted["conv1"] > prior["conv1"] and shifted["fc1"] < prior["fc1"]
+    # at the ADMM paper's 71x, the prior's split leaves the small conv1 far less pruned than fc1
+    targets = project(table, prior, {"params": 0.014}, 1.0, "weight")
+    assert targets["conv1"] < 0.85 < 0.98 < targets["fc1"]
+    assert fractions(table, targets, "weight")["params"] <= 0.014

@@ -331,3 +331,11 @@ def test_exponent_numbers_are_floats_in_space_and_study_files(tmp_path):
     study_file.write_text("model: lenet-digits\ndataset: digits\ndense: {lr: 1e}\n")
     with pytest.raises(UserError, match="lr must be a number"):
         load_study(str(study_file))
+
+
+def test_allocation_prior_key():
+    base = {"methods": {"magnitude": {}}}
+    assert SearchSpace.from_dict(base).prior == "size"
+    assert SearchSpace.from_dict({**base, "sparsity": {"prior": "none"}}).prior == "none"
+    with pytest.raises(UserError, match="sparsity.prior"):
+        SearchSpace.from_dict({**base, "sparsity": {"prior": "flops"}})

@@ -6,7 +6,7 @@ fine-tune settings are searched, and how per-layer sparsity is parametrised:
 
     methods:      {method: {hyperparameter: distribution | fixed value}}
     finetune:     {recipe key: distribution | fixed value}
-    sparsity:     {target_floor, allocation, max_sparsity, exclude, groups}
+    sparsity:     {target_floor, allocation, prior, max_sparsity, exclude, groups}
 
 A distribution is `{low, high}` (optionally `log: true`, `int: true`, `step`) or
 `{choices: [...]}`; any other value is fixed. Everything is checked when the file is loaded,
@@ -34,7 +34,8 @@ from ..engine import Recipe
 from ..errors import UserError
 
 TOP_KEYS = ("methods", "finetune", "sparsity", "description")
-SPARSITY_KEYS = ("target_floor", "allocation", "max_sparsity", "exclude", "groups")
+SPARSITY_KEYS = ("target_floor", "allocation", "prior", "max_sparsity", "exclude", "groups")
+PRIORS = ("size", "none")  # what the sampled allocation is an offset from (projection.py)
 DIST_KEYS = ("low", "high", "log", "int", "step", "choices")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # no '/': Ray un-flattens config keys on it
 _TYPES = {"float": float, "int": int, "bool": bool, "str": str}
@@ -95,6 +96,7 @@ class SearchSpace:
     finetune: dict[str, Dist] = field(default_factory=dict)
     target_floor: float = 0.6
     allocation: Dist = Dist("float", 0.05, 0.95)
+    prior: str = "size"  # the allocation moves around projection.size_prior, or "none"
     max_sparsity: float = 0.99
     exclude: tuple[str, ...] = ()
     groups: dict[str, str] = field(default_factory=dict)  # group name -> regex on layer names
@@ -140,6 +142,9 @@ class SearchSpace:
         for v in alloc.probes():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
                 raise fail("sparsity.allocation", f"values must lie in (0, 1), got {v!r}")
+        prior = sp.get("prior", "size")
+        if prior not in PRIORS:
+            raise fail("sparsity.prior", f"must be one of {', '.join(PRIORS)}, got {prior!r}")
         exclude = _parse_patterns(sp.get("exclude", []), "sparsity.exclude", fail)
         groups_raw = sp.get("groups") or {}
         if not isinstance(groups_raw, dict):
@@ -150,7 +155,8 @@ class SearchSpace:
                 raise fail(f"sparsity.groups.{name}", "group names use letters, digits, _ . -")
             groups[name] = _parse_patterns([pattern], f"sparsity.groups.{name}", fail)[0]
         return cls(methods=methods, finetune=finetune, target_floor=float(floor),
-                   allocation=alloc, max_sparsity=float(max_s), exclude=tuple(exclude),
+                   allocation=alloc, prior=prior, max_sparsity=float(max_s),
+                   exclude=tuple(exclude),
                    groups=groups, source=source)
 
     # -- layers -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
-from .projection import CostTable, fractions, project
+from .projection import CostTable, fractions, project, size_prior, with_prior
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
@@ -188,8 +188,10 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     budget = Budget.parse(ctx.budget)
     gran = granularity_of(wb, plan.method, plan.params)
     table = CostTable.from_accountant(wb.accountant)
-    targets = project(table, plan.allocation, budget.limits, plan.target, gran,
-                      space.max_sparsity)
+    allocation = plan.allocation
+    if space.prior == "size":
+        allocation = with_prior(allocation, size_prior(table, list(allocation)))
+    targets = project(table, allocation, budget.limits, plan.target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
     if _fault(ctx, "RAISE_TRIAL") is not None and int(_fault(ctx, "RAISE_TRIAL")) == number:
         raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")

@@ -251,3 +251,22 @@ def test_size_prior_and_offsets_from_it(lenet5):
     targets = project(table, prior, {"params": 0.014}, 1.0, "weight")
     assert targets["conv1"] < 0.85 < 0.98 < targets["fc1"]
     assert fractions(table, targets, "weight")["params"] <= 0.014
+
+
+def test_targets_below_the_reachable_are_stretched_onto_it(lenet5):
+    """At params=0.014 LeNet-5 can reach 0.0113 at most: sampled targets from the floor up
+    must still give distinct, reachable plans instead of all collapsing to every-layer-capped."""
+    from autoprune.search.projection import reachable_target
+
+    table, limits = lenet5.table, {"params": 0.014}
+    reach = min_reachable(table, "weight")["params"] / 0.014
+    assert 0.6 < reach < 1
+    mapped = [reachable_target(t, 0.6, table, limits, "weight") for t in (0.6, 0.7, 0.8, 1.0)]
+    assert mapped[0] == pytest.approx(reach) and mapped[-1] == pytest.approx(1.0)
+    assert mapped == sorted(mapped) and len(set(mapped)) == 4
+    plans = [project(table, dict.fromkeys(table.layers, 0.5), limits, t, "weight")
+             for t in mapped[1:]]
+    assert all(fractions(table, p, "weight")["params"] <= 0.014 for p in plans)
+    assert len({tuple(sorted(p.items())) for p in plans}) == 3  # no two targets collapse
+    # a loose budget keeps the sampled target as it is
+    assert reachable_target(0.7, 0.6, table, {"params": 0.5}, "weight") == 0.7

@@ -231,6 +231,23 @@ def project(table: CostTable, allocation: dict[str, float], limits: dict[str, fl
     return at(hi)
 
 
+def reachable_target(target: float, floor: float, table: CostTable, limits: dict[str, float],
+                     granularity: str, max_sparsity: float = 0.99) -> float:
+    """Map a sampled target in [floor, 1] onto the part of that range the model can reach.
+
+    At extreme budgets (LeNet-5 at params=0.014 with every layer capped at 99 %, the smallest
+    reachable params fraction is 0.0113, i.e. 0.81 of the budget) every target below the
+    reachable ratio projects to the same plan, every layer at its cap, and such trials waste the
+    search. The range [floor, 1] is therefore stretched linearly onto [max(floor, reach), 1]:
+    the sampled value keeps its order and meaning ("how far below the budget"), and no two
+    targets collapse onto one plan. A budget out of reach entirely (reach > 1) is left alone.
+    """
+    reach = _ratio(min_reachable(table, granularity, max_sparsity), limits)
+    if reach <= floor or reach >= 1.0 or floor >= 1.0:
+        return target
+    return reach + (target - floor) * (1.0 - reach) / (1.0 - floor)
+
+
 def min_reachable(table: CostTable, granularity: str,
                   max_sparsity: float = 0.99) -> dict[str, float]:
     """The smallest FLOPs and params fractions the space can reach: every candidate at its cap."""

@@ -37,7 +37,14 @@ from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
-from .projection import CostTable, fractions, project, size_prior, with_prior
+from .projection import (
+    CostTable,
+    fractions,
+    project,
+    reachable_target,
+    size_prior,
+    with_prior,
+)
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
@@ -191,7 +198,9 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     allocation = plan.allocation
     if space.prior == "size":
         allocation = with_prior(allocation, size_prior(table, list(allocation)))
-    targets = project(table, allocation, budget.limits, plan.target, gran, space.max_sparsity)
+    target = reachable_target(plan.target, space.target_floor, table, budget.limits, gran,
+                              space.max_sparsity)
+    targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
     if _fault(ctx, "RAISE_TRIAL") is not None and int(_fault(ctx, "RAISE_TRIAL")) == number:
         raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")
@@ -226,7 +235,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     final = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and
              not (isinstance(v, float) and math.isnan(v))}
     final.update(is_final=True, failed=False, budget_violation=budget.violation(fracs),
-                 target=plan.target, checkpoint=str(ckpt),
+                 target=target, checkpoint=str(ckpt),
                  restored_from_checkpoint=int(resume is not None),
                  layer_sparsity=json.dumps(m["layer_sparsity"]),
                  targets=json.dumps(targets), history=json.dumps(m["history"]),

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import cpu_model  # noqa: E402
 
 from autoprune.flops import Accountant, count_dense  # noqa: E402
 from autoprune.models import build_model  # noqa: E402
@@ -30,16 +33,6 @@ from autoprune.pruning.base import apply_masks, filter_masks, filter_scores  # n
 from autoprune.pruning.compaction import compact  # noqa: E402
 
 MODELS = ("resnet20", "resnet56", "vgg16")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def uniform_filter_prune(model: nn.Module, acc: Accountant, sparsity: float) -> nn.Module:

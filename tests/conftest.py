@@ -50,6 +50,18 @@ def ray_session():
     ray.shutdown()
 
 
+# Trials of about a second: one-shot magnitude, one fine-tune epoch (reliability, cluster tests).
+QUICK_SPACE = """
+methods:
+  magnitude:
+    gradual: false
+    epochs: 0
+finetune:
+  epochs: 1
+sparsity:
+  target_floor: 0.6
+"""
+
 TINY_SPACE = """
 methods:
   magnitude:

@@ -17,20 +17,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import QUICK_SPACE
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 STUDY = "digits-lenet"
-SPACE = """
-methods:
-  magnitude:
-    gradual: false
-    epochs: 0
-finetune:
-  epochs: 1
-sparsity:
-  target_floor: 0.6
-"""
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +80,7 @@ def test_search_spreads_over_both_nodes(cluster, mlflow_server, dense_cache, tmp
     out = tmp_path / "runs"
     shutil.copytree(dense_cache, out / "dense")
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(QUICK_SPACE)
     storage = f"sqlite:///{tmp_path / 'db' / 'studies.db'}"  # stands in for postgresql://...
     (tmp_path / "db").mkdir()
     proc = run_driver(["--study", STUDY, "--space", str(space), "--budget", "flops=0.4",

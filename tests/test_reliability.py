@@ -25,6 +25,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import QUICK_SPACE
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -40,16 +41,6 @@ methods:
     epochs: 1
 finetune:
   epochs: 2
-sparsity:
-  target_floor: 0.6
-"""
-QUICK_SPACE = """
-methods:
-  magnitude:
-    gradual: false
-    epochs: 0
-finetune:
-  epochs: 1
 sparsity:
   target_floor: 0.6
 """

@@ -16,9 +16,9 @@ from typing import Any
 from .budget import Budget
 from .engine import Recipe
 from .errors import UserError
-from .pipeline import Workbench, granularity_of, run_pruning, size_allocation
+from .pipeline import Workbench, granularity_of, run_pruning
 from .pruning import get_method
-from .search.projection import CostTable, min_reachable, project
+from .search.projection import CostTable, min_reachable, project, size_prior
 from .study import Study, load_study
 
 
@@ -36,7 +36,7 @@ def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
             raise UserError(f"budget {key}={limit:g} cannot be met by {granularity} pruning of "
                             f"{wb.study.model}: the smallest reachable {key} fraction is "
                             f"{reach[key]:.4f}")
-    alloc = allocation or size_allocation(wb.accountant, wb.layers)
+    alloc = allocation or size_prior(table, wb.layers)
     return project(table, alloc, budget.limits, target, granularity, max_sparsity)
 
 

@@ -97,13 +97,6 @@ def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:
     return get_method(method)(model, {}, wb.accountant.graph, **params).granularity
 
 
-def size_allocation(accountant: Accountant, layers: list[str]) -> dict[str, float]:
-    """Default per-layer preference: larger layers pruned harder (see `projection.size_prior`)."""
-    from .search.projection import CostTable, size_prior
-
-    return size_prior(CostTable.from_accountant(accountant), layers)
-
-
 def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dict[str, float], *,
                 finetune: dict[str, Any] | None = None, seed: int | None = None,
                 on_epoch: Callable[[dict], None] | None = None,

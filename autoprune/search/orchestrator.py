@@ -442,10 +442,8 @@ def _init_ray(opts: SearchOptions, log: Callable[[str], None]) -> None:
             raise UserError(f"cannot join the Ray cluster at {opts.ray_address}: "
                             f"{str(exc).strip().splitlines()[0]}") from None
     else:
-        num_gpus = None
         # address="local": a new local instance even where `ray start` left one running
-        ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=num_gpus,
-                 include_dashboard=False,
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, configure_logging=True, logging_level="warning")
     log(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs")

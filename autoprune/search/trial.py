@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,8 +217,6 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
                      "flops_frac": planned["flops"], "params_frac": planned["params"],
                      "phase": rec["phase"], "is_final": False})
         if slow:
-            import time
-
             time.sleep(slow)
         _maybe_kill(ctx, number, rec)
 

@@ -3,6 +3,10 @@
 The loop is a plain PyTorch loop over in-memory tensor batches (see `data.py`); a pruning method
 plugs in through `TrainHook` (loss penalty, after-step projection, epoch boundaries) and never
 touches the loop itself. On CUDA it uses AMP (bf16 autocast) and channels_last.
+
+A hook may also split training into cycles (`TrainHook.lr_restarts`): the recipe's schedule then
+runs once per cycle (warm restarts), as ADMM's per-iteration W-steps need. The loop does not know
+why a hook asks for restarts, only where.
 """
 
 from __future__ import annotations
@@ -89,6 +93,12 @@ class TrainHook:
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """After epoch `epoch` (schedules, reweighting, ADMM's Z and U updates)."""
 
+    def lr_restarts(self) -> Sequence[int]:
+        """Steps (0 < s < total) at which the LR schedule starts over; asked after
+        `on_train_start`. A method whose phase is a sequence of sub-problems (ADMM's W-steps)
+        gives each one the whole schedule instead of a slice of one long decay."""
+        return ()
+
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return the generator that orders the batches."""
@@ -104,6 +114,25 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                            weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
+
+
+def total_steps(epochs: float, steps_per_epoch: int) -> int:
+    """Optimiser steps of `epochs` epochs: the loop's rounding rule, shared with hooks that
+    count steps (so their own boundaries land on the loop's last step, not one past it)."""
+    return max(1, int(round(epochs * steps_per_epoch)))
+
+
+def cycle_progress(step: int, total: int, restarts: Sequence[int] = ()) -> float:
+    """Progress in [0, 1] of `step` within its schedule cycle; cycles split [0, total) at
+    `restarts`. Without restarts this is step / total, the plain single-cycle schedule."""
+    start, end = 0, total
+    for r in sorted(restarts):
+        if r <= step:
+            start = r
+        elif r < end:
+            end = r
+            break
+    return min(1.0, (step - start) / max(end - start, 1))
 
 
 def lr_at(recipe: Recipe, progress: float) -> float:
@@ -143,22 +172,23 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
     optimizer = make_optimizer(model, recipe)
     n = data.train_x.shape[0]
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
-    total_steps = max(1, int(round(recipe.epochs * steps_per_epoch)))
+    n_steps = total_steps(recipe.epochs, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     for h in hooks:
         h.on_train_start(model, optimizer, steps_per_epoch, recipe.epochs)
+    restarts = sorted({int(r) for h in hooks for r in h.lr_restarts() if 0 < r < n_steps})
     history: list[dict] = []
     step, epoch = 0, 0
-    while step < total_steps:
+    while step < n_steps:
         for h in hooks:
             h.on_epoch_start(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
         count = 0
         for x, y in data.batches(recipe.batch_size, gen):
-            if step >= total_steps:
+            if step >= n_steps:
                 break
-            lr = lr_at(recipe, step / total_steps)
+            lr = lr_at(recipe, cycle_progress(step, n_steps, restarts))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with _autocast(device):
@@ -182,7 +212,8 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
             raise TrainingDiverged(f"loss became {mean_loss} in epoch {epoch}")
         for h in hooks:
             h.on_epoch_end(epoch, model)
-        record = {"epoch": epoch, "loss": mean_loss, "lr": lr_at(recipe, step / total_steps),
+        record = {"epoch": epoch, "loss": mean_loss,
+                  "lr": lr_at(recipe, cycle_progress(step, n_steps, restarts)),
                   "val_accuracy": evaluate(model, data.val_x, data.val_y)}
         history.append(record)
         if on_epoch is not None:

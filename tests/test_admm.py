@@ -16,7 +16,7 @@ from conftest import fresh_digits_lenet
 from torch import nn
 
 from autoprune.data import TensorData, dataset_info
-from autoprune.engine import Recipe, train
+from autoprune.engine import Recipe, TrainHook, cycle_progress, train
 from autoprune.errors import UserError
 from autoprune.flops import Accountant
 from autoprune.graph import build_channel_graph
@@ -114,10 +114,69 @@ def test_rho_schedule_multiplies_and_caps() -> None:
     assert rho_at(0.3, 2.0, 0.1, 3) == 0.3  # a cap below the start never lowers rho
 
 
-def test_iteration_boundaries_fractional_epochs() -> None:
-    assert iteration_boundaries(3, 0.5, 10) == [5, 10, 15]
-    assert iteration_boundaries(2, 0.5, 3) == [2, 3]  # last = round(2 * 0.5 * 3), the run's end
-    assert iteration_boundaries(3, 0.1, 4) == [1, 2, 3]  # at least one step per iteration
+def test_iteration_boundaries_split_the_phase() -> None:
+    assert iteration_boundaries(3, 15) == [5, 10, 15]
+    assert iteration_boundaries(3, 14) == [5, 9, 14]  # near-equal shares, last = the phase's end
+    assert iteration_boundaries(2, 3) == [2, 3]
+    assert iteration_boundaries(4, 2) == [1, 2, 2, 2]  # too few steps: the rest end at the last
+
+
+def test_cycle_progress_restarts() -> None:
+    assert [cycle_progress(s, 4) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    got = [cycle_progress(s, 10, [4, 7]) for s in range(10)]
+    assert got == pytest.approx([0, 0.25, 0.5, 0.75, 0, 1 / 3, 2 / 3, 0, 1 / 3, 2 / 3])
+    assert cycle_progress(10, 10, [4, 7]) == 1.0
+
+
+# Phases whose float step count rounds differently from the old per-iteration boundaries
+# (e.g. 3 x 0.3 epochs x 15 steps: the engine runs 13 steps, the old last boundary was 14),
+# and one with fewer steps than iterations.
+AWKWARD = [(3, 0.3, 15), (3, 0.15, 30), (5, 0.1, 29), (5, 0.45, 26), (3, 1.1, 25), (10, 0.05, 3)]
+
+
+@pytest.mark.parametrize("iters,epochs_per_iter,steps_per_epoch", AWKWARD)
+def test_number_of_zu_updates_is_admm_iters(tiny, iters, epochs_per_iter,
+                                            steps_per_epoch) -> None:
+    model, graph = tiny
+    pr = ADMM(model, {"fc1": 0.5}, graph, admm_iters=iters, epochs_per_iter=epochs_per_iter)
+    epochs = pr.prune_epochs  # what the runner gives the engine
+    steps = max(1, int(round(epochs * steps_per_epoch)))  # the engine's own count
+    pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch, epochs)
+    for _ in range(steps):
+        pr.after_step(model)
+    assert pr.iteration == iters
+
+
+def test_zu_updates_and_lr_restarts_in_the_engine(digits, pretrained) -> None:
+    """Through `train`: 3 iterations x 0.3 epochs x 15 steps (13 steps in all) make 3 Z/U
+    updates, and every iteration's W-step starts the cosine schedule at the recipe's lr."""
+    model = fresh_digits_lenet(pretrained)
+    graph = build_channel_graph(model, digits.example())
+    pr = ADMM(model, {"fc1": 0.5}, graph, admm_iters=3, epochs_per_iter=0.3)
+    spy = _LrSpy(pr)
+    recipe = Recipe(epochs=pr.prune_epochs, lr=0.05, batch_size=1, schedule="cosine")
+    train(model, digits.subset(train=15), recipe, hooks=[pr, spy])
+    assert len(spy.lrs) == 13 and pr.iteration == 3
+    starts = [i for i, k in enumerate(spy.iteration) if i == 0 or k != spy.iteration[i - 1]]
+    assert len(starts) == 3
+    for a, b in zip(starts, [*starts[1:], len(spy.lrs)], strict=True):
+        cycle = spy.lrs[a:b]
+        assert cycle[0] == pytest.approx(0.05)  # restarted, not a slice of one long decay
+        assert all(x > y for x, y in itertools.pairwise(cycle))  # cosine within each
+
+
+class _LrSpy(TrainHook):
+    """Records the learning rate of every step and the ADMM iteration it belongs to."""
+
+    def __init__(self, pruner: ADMM) -> None:
+        self.pruner, self.lrs, self.iteration = pruner, [], []
+
+    def on_train_start(self, model, optimizer, steps_per_epoch, epochs) -> None:
+        self.optimizer = optimizer
+
+    def before_step(self, model) -> None:
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        self.iteration.append(self.pruner.iteration)
 
 
 # -- hooks on a tiny model --------------------------------------------------------------------
@@ -157,7 +216,7 @@ def test_penalty_matches_hand_computation(tiny) -> None:
 def test_admm_update_formulas_and_rho_growth(tiny) -> None:
     model, graph = tiny
     pr = ADMM(model, {"fc1": 0.75}, graph, rho=1e-3, rho_mult=10.0, rho_max=5e-2, admm_iters=3)
-    pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, 1.0)
+    pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, 3.0)
     u_old = torch.randn_like(pr.U["fc1"])
     pr.U["fc1"] = u_old.clone()
     w = model.fc1.weight.detach().clone()
@@ -181,7 +240,7 @@ def test_radmm_z_step_is_reweighted_soft_threshold(tiny) -> None:
     model, graph = tiny
     pr = ReweightedADMM(model, {"fc1": 0.8}, graph, rho=1e-2, lam=2e-5, eps=1e-2, admm_iters=2)
     w = model.fc1.weight.detach().clone()
-    pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 1.0)
+    pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2.0)
     # Z^0 is the soft threshold of W^0 with alpha^0 = 1/(|W^0| + eps); alpha then follows Z^0.
     z0 = soft_threshold(w, 2e-5 * reweight(w, 1e-2) / 1e-2)
     assert torch.allclose(pr.Z["fc1"], z0)

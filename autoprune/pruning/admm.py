@@ -18,6 +18,22 @@ The paper keeps rho fixed (`rho_mult = 1`); the later "progressive ADMM" of the 
 it, which `rho_mult > 1` does after each iteration, capped at `rho_max`. When rho changes the
 scaled dual U is rescaled by rho_old/rho_new so that the unscaled multiplier rho*U is unchanged
 (Boyd et al. 2011, sec. 3.4.1); otherwise a rho increase would silently inflate the dual.
+
+The learning-rate schedule restarts with every ADMM iteration (`lr_restarts`), as in the paper's
+AlexNet runs (lr 1e-3 reset each iteration, x0.1 every 10k of its 60k steps): each W-step is a
+fresh sub-problem, and one decay over the whole phase would leave the last W-steps at a learning
+rate near 0 while U keeps accumulating W - Z. The phase's steps are split into `admm_iters`
+near-equal iterations, the last one ending on the phase's last step, so there are always exactly
+`admm_iters` Z/U updates.
+
+Differences from the paper:
+* The W-step follows the study's prune recipe (optimiser, schedule shape restarted per
+  iteration) rather than the paper's fixed Adam 1e-3 (LeNet-5) / step-decayed SGD (AlexNet).
+* Iterations are counted in optimiser steps, so `epochs_per_iter` may be fractional; when the
+  phase has fewer steps than iterations, the surplus Z/U updates happen at its last step.
+* Granularity "filter" (whole filters, L2 norm, only channel-free layers) is our structured
+  extension; the paper constrains single weights.
+* `rho_mult > 1` is the later progressive ADMM (Ye et al. 2018), not the ECCV paper.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import total_steps
 from ..graph import ChannelGraph
 from .base import (
     Masks,
@@ -71,15 +88,15 @@ def rho_at(rho: float, mult: float, cap: float, iteration: int) -> float:
     return min(rho * mult ** iteration, max(cap, rho))
 
 
-def iteration_boundaries(iters: int, epochs_per_iter: float, steps_per_epoch: int) -> list[int]:
+def iteration_boundaries(iters: int, steps: int) -> list[int]:
     """Optimiser step after which ADMM iteration k (1-based) ends, for k = 1..iters.
 
-    Counted in steps, not epochs, so fractional `epochs_per_iter` works; each iteration gets at
-    least one step (boundary k >= k), and the last boundary equals the engine's total step count
-    round(iters * epochs_per_iter * steps_per_epoch) whenever that is >= iters.
+    `steps` is the phase's total step count (`engine.total_steps`); iterations get
+    near-equal shares and the last boundary is exactly `steps`, so the last Z/U update is never
+    lost to rounding. With fewer steps than iterations each step ends one iteration and the
+    rest end together at the last step: there are always `iters` updates.
     """
-    per = epochs_per_iter * steps_per_epoch
-    return [max(k, int(round(k * per))) for k in range(1, iters + 1)]
+    return [min(steps, max(k, int(round(k * steps / iters)))) for k in range(1, iters + 1)]
 
 
 # -- the method ------------------------------------------------------------------------------
@@ -156,13 +173,17 @@ class ADMM(Pruner):
         self.rho = p.rho
         self.iteration = 0
         self._step = 0
-        self._boundaries = iteration_boundaries(p.admm_iters, p.epochs_per_iter, steps_per_epoch)
+        self._boundaries = iteration_boundaries(p.admm_iters, total_steps(epochs, steps_per_epoch))
         self.Z, self.U = {}, {}
         for layer in self._layers():
             w = model.get_submodule(layer).weight.detach()
             self.init_state(layer, w)
             self.Z[layer] = self.z_step(layer, w.clone())
             self.U[layer] = torch.zeros_like(w)
+
+    def lr_restarts(self) -> list[int]:
+        """Each ADMM iteration's W-step starts the LR schedule afresh (see the docstring)."""
+        return self._boundaries[:-1]
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         """W-step term: sum_i rho/2 ||W_i - Z_i + U_i||_F^2 (Z and U are constants here)."""

@@ -20,16 +20,18 @@ So the reweighting decides *which* weights go (a weight large in both V and the 
 is safest), the target decides *how many*, and a zeroed weight whose V grows back -- the U-step
 accumulates the pull of the loss on it -- can outscore a weakly kept one and return. `eps` is
 relative to the layer's scale (mean |V| of the weights or filter norms), so one value suits
-every layer. The W-step, U-step and rho schedule are those of `admm.py` (this class overrides
-the Z-step only). The phase ends with the same exact top-k hard pruning of W as ADMM
-(`final_masks`), followed by masked fine-tuning.
+every layer. The W-step, U-step and rho schedule are those of `admm.py`. The phase ends with
+the hard masks of Z's zero pattern (exactly the targets, `final_masks`), followed by masked
+fine-tuning: in a short phase W has not converged to Z, and pruning W by magnitude (plain
+ADMM's ending) would simply return the one-shot magnitude pattern and discard the reweighting.
 
 Granularity "filter" uses the group version: filter g has score ||V_g|| * (||Z_g^prev|| + eps)
 and a kept filter is shrunk by the factor max(0, 1 - tau * alpha_g / ||V_g||).
 
 Differences from the paper: the paper's own reweighting formula and its hyperparameters could
 not be read. Its single penalty strength lam is replaced by the per-layer targets (lam/rho is
-solved, not searched), as the search allocates per-layer sparsities.
+solved, not searched), as the search allocates per-layer sparsities; `eps` is relative to
+each layer's scale; the final masks come from Z rather than from a top-k of W.
 """
 
 from __future__ import annotations

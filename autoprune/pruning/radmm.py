@@ -37,6 +37,7 @@ each layer's scale; the final masks come from Z rather than from a top-k of W.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -141,7 +142,8 @@ class ReweightedADMM(ADMM):
         scores = {layer: self._final_score(layer, torch.abs) for layer in self.targets}
         return weight_masks(self.model, self.targets, scores)
 
-    def _final_score(self, layer: str, score) -> torch.Tensor:
+    def _final_score(self, layer: str,
+                     score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """score(Z) where Z exists (its zeros rank lowest), score(W) for unconstrained layers."""
         z = self.Z.get(layer)
         return score(self.model.get_submodule(layer).weight if z is None else z)

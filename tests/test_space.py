@@ -23,7 +23,7 @@ DOC_HPS = {  # hyperparameter names of METHODS.md that the built-in spaces must 
     "magnitude": {"gradual", "epochs"},
     "admm": {"rho", "rho_mult", "admm_iters", "epochs_per_iter", "granularity"},
     "radmm": {"rho", "eps", "admm_iters", "epochs_per_iter", "granularity"},
-    "l0": {"lam", "init_drop", "epochs", "granularity"},
+    "l0": {"lam", "init_drop", "epochs", "granularity", "gate_lr"},
     "adaptive_l1": {"lam0", "filter_share", "epochs"},
     "asfp": {"epochs", "asymptotic"},
 }

@@ -34,6 +34,7 @@ from autoprune.pruning.radmm import (
     ReweightedADMM,
     group_soft_threshold,
     reweight,
+    reweighted_projection,
     soft_threshold,
 )
 from autoprune.pruning.runner import prune_and_finetune
@@ -238,23 +239,25 @@ def test_admm_update_formulas_and_rho_growth(tiny) -> None:
 
 def test_radmm_z_step_is_reweighted_soft_threshold(tiny) -> None:
     model, graph = tiny
-    pr = ReweightedADMM(model, {"fc1": 0.8}, graph, rho=1e-2, lam=2e-5, eps=1e-2, admm_iters=2)
+    pr = ReweightedADMM(model, {"fc1": 0.8}, graph, rho=1e-2, eps=0.5, admm_iters=2)
     w = model.fc1.weight.detach().clone()
     pr.on_train_start(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, 2.0)
-    # Z^0 is the soft threshold of W^0 with alpha^0 = 1/(|W^0| + eps); alpha then follows Z^0.
-    z0 = soft_threshold(w, 2e-5 * reweight(w, 1e-2) / 1e-2)
-    assert torch.allclose(pr.Z["fc1"], z0)
-    assert (z0 == 0).any() and (z0 != 0).any()  # the threshold is active but not total
-    alpha = reweight(z0, 1e-2)
+    # Z^0 zeroes exactly the target count, chosen by |W^0| / alpha^0 with alpha^0 from W^0
+    # (eps relative to the layer's mean |W|): the magnitude projection's support.
+    alpha0 = reweight(w, 0.5 * float(w.abs().mean()))
+    assert torch.allclose(pr.Z["fc1"], reweighted_projection(w, alpha0, 0.8))
+    assert torch.equal(pr.Z["fc1"] == 0, project_sparse(w, 0.8) == 0)
+    alpha = reweight(pr.Z["fc1"], 0.5 * float(w.abs().mean()))
     assert torch.allclose(pr.alpha["fc1"], alpha)
     u = torch.randn_like(w) * 0.01
     pr.U["fc1"] = u.clone()
     pr.after_step(model)
     v = w + u
-    z1 = soft_threshold(v, 2e-5 * alpha / 1e-2)
+    z1 = reweighted_projection(v, alpha, 0.8)
     assert torch.allclose(pr.Z["fc1"], z1)
+    assert int((z1 == 0).sum()) == n_pruned(w.numel(), 0.8)
     assert torch.allclose(pr.U["fc1"], v - z1)
-    assert torch.allclose(pr.alpha["fc1"], reweight(z1, 1e-2))
+    assert torch.allclose(pr.alpha["fc1"], reweight(z1, 0.5 * float(v.abs().mean())))
 
 
 # -- end to end on digits ---------------------------------------------------------------------

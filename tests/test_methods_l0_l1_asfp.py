@@ -99,8 +99,7 @@ def test_l0_gates_installed_penalised_clamped_and_folded(tiny) -> None:
     w0 = model.fc1.weight
     w0_values = w0.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4)
-    pr = L0(model, {"conv2": 0.5, "fc1": 0.9, "fc2": 0.0}, graph, lam=0.3, init_drop=0.2,
-            gate_lr_mult=10.0)
+    pr = L0(model, {"conv2": 0.5, "fc1": 0.9, "fc2": 0.0}, graph, lam=0.3, init_drop=0.2)
     pr.on_train_start(model, opt, 10, 1.0)
     assert set(pr.log_alpha) == {"conv2", "fc1"}  # a zero target gets no gates
     assert parametrize.is_parametrized(model.fc1, "weight")
@@ -109,9 +108,14 @@ def test_l0_gates_installed_penalised_clamped_and_folded(tiny) -> None:
     assert la.shape == w0.shape
     assert float(la.detach().mean()) == pytest.approx(math.log(4), abs=5e-3)
     assert float(la.detach().std()) == pytest.approx(0.01, rel=0.1)
-    group = opt.param_groups[-1]
+    # The gates have their own Adam at gate_lr; the weights' optimiser never sees them.
+    assert pr.gate_optimizer is not None
+    group = pr.gate_optimizer.param_groups[0]
     assert [id(q) for q in group["params"]] == [id(q) for q in pr.log_alpha.values()]
-    assert group["lr"] == 0.1 and group["weight_decay"] == 0.0
+    assert group["lr"] == 0.05 and group["weight_decay"] == 0.0
+    in_opt = {id(q) for g in opt.param_groups for q in g["params"]}
+    assert not in_opt & {id(q) for q in pr.log_alpha.values()}
+    assert not {id(q) for q in model.parameters()} & {id(q) for q in pr.log_alpha.values()}
     # Eval mode: the forward sees W * deterministic gate.
     model.eval()
     assert torch.allclose(model.fc1.weight, w0_values * deterministic_gate(la.detach()))
@@ -125,8 +129,11 @@ def test_l0_gates_installed_penalised_clamped_and_folded(tiny) -> None:
     pen.backward()
     p = prob_nonzero(la.detach())
     assert torch.allclose(la.grad, 0.3 / m * p * (1 - p))
-    pr.before_step(model)  # gradients of log alpha are scaled by gate_lr_mult
-    assert torch.allclose(la.grad, 10 * 0.3 / m * p * (1 - p))
+    # after_step: one Adam step of the gates (each moves by about gate_lr), then the clamp.
+    la_before = la.detach().clone()
+    pr.after_step(model)
+    assert la.grad is None  # the gates' optimiser clears its own gradients
+    assert torch.allclose(la.detach(), la_before - 0.05, atol=1e-3)  # first Adam step: lr*sign
     with torch.no_grad():
         la[0, 0], la[0, 1] = 50.0, -50.0
     pr.after_step(model)
@@ -304,41 +311,33 @@ def test_filter_methods_leave_dead_channels(digits, pretrained, method, params) 
     assert res.history[-1]["val_accuracy"] > 0.5
 
 
-class _RegrowthSpy(TrainHook):
-    """Records, per epoch, the zero filters seen by the first step and the state at its end."""
+class _ZeroSpy(TrainHook):
+    """Records after every step which filters of `layer` are zero (placed before or after ASFP)."""
 
     def __init__(self, model: nn.Module, layer: str) -> None:
         self.weight = model.get_submodule(layer).weight
-        self.at_start: list[torch.Tensor] = []
-        self.at_end: list[torch.Tensor] = []
-        self._fresh = False
+        self.zero: list[torch.Tensor] = []
 
-    def on_epoch_start(self, epoch: int) -> None:
-        self._fresh = True
-
-    def before_step(self, model: nn.Module) -> None:
-        if self._fresh:  # after ASFP's start-of-epoch zeroing, before any update
-            self.at_start.append(self.weight.detach().flatten(1).eq(0).all(1).clone())
-            self._fresh = False
-
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        # Runs before ASFP's end-of-epoch zeroing (the spy comes first in the hook list).
-        self.at_end.append(self.weight.detach().flatten(1).eq(0).all(1).clone())
+    def after_step(self, model: nn.Module) -> None:
+        self.zero.append(self.weight.detach().flatten(1).eq(0).all(1).clone())
 
 
 def test_asfp_schedule_and_regrowth(digits, pretrained) -> None:
     model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
-    pr = ASFP(model, {"conv2": 0.5, "fc1": 0.5}, graph, epochs=4.0)
-    spy = _RegrowthSpy(model, "fc1")
-    train(model, digits, Recipe(epochs=4, lr=0.05, batch_size=64), hooks=[spy, pr])
-    # Zeroed filters at the start of epoch t follow the asymptotic rate exactly.
-    counts = [int(z.sum()) for z in spy.at_start]
-    assert counts == [n_pruned(64, asfp_rate(0.5, t, 4)) for t in range(4)]
-    assert counts[0] == 0 and counts[-1] > counts[1] > 0
-    # No gradient masking: filters zeroed at an epoch's start are nonzero at its end.
-    pairs = zip(spy.at_start[1:], spy.at_end[1:], strict=True)
-    regrown = sum(int((s & ~e).sum()) for s, e in pairs)
+    # min_events=4 on a 4-epoch phase: the paper's rhythm, one soft prune per epoch.
+    pr = ASFP(model, {"conv2": 0.5, "fc1": 0.5}, graph, epochs=4.0, min_events=4)
+    before, after = _ZeroSpy(model, "fc1"), _ZeroSpy(model, "fc1")
+    train(model, digits, Recipe(epochs=4, lr=0.05, batch_size=64), hooks=[before, pr, after])
+    spe = len(after.zero) // 4
+    ends = [spe * t - 1 for t in range(1, 5)]  # the last step of each epoch: a soft prune
+    # Zeroed filters at the end of epoch t follow the asymptotic rate exactly.
+    counts = [int(after.zero[i].sum()) for i in ends]
+    assert counts == [n_pruned(64, asfp_rate(0.5, t, 4)) for t in range(1, 5)]
+    assert counts[-1] > counts[0] > 0
+    # No gradient masking: filters zeroed at one epoch's end are nonzero before the next prune.
+    regrown = sum(int((after.zero[a] & ~before.zero[b]).sum())
+                  for a, b in zip(ends[:-1], ends[1:], strict=True))
     assert regrown > 0
     # The end of the phase sits at the final rate, and the hard prune picks exactly those.
     zero_now = model.fc1.weight.detach().flatten(1).eq(0).all(1)

@@ -22,8 +22,8 @@ ALL_SIX = ("magnitude", "admm", "radmm", "l0", "adaptive_l1", "asfp")
 DOC_HPS = {  # hyperparameter names of METHODS.md that the built-in spaces must search
     "magnitude": {"gradual", "epochs"},
     "admm": {"rho", "rho_mult", "admm_iters", "epochs_per_iter", "granularity"},
-    "radmm": {"rho", "lam", "eps", "admm_iters", "epochs_per_iter"},
-    "l0": {"lam", "init_drop", "epochs", "granularity"},
+    "radmm": {"rho", "eps", "admm_iters", "epochs_per_iter", "granularity"},
+    "l0": {"lam", "init_drop", "epochs", "granularity", "gate_lr"},
     "adaptive_l1": {"lam0", "filter_share", "epochs"},
     "asfp": {"epochs", "asymptotic"},
 }

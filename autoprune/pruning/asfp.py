@@ -1,19 +1,24 @@
 """Soft Filter Pruning (He et al., IJCAI 2018) and its asymptotic schedule (ASFP, He et al.,
 IEEE TCYB 2020).
 
-Filters are never removed during training: at the start and at the end of every epoch the
-lowest-norm filters of each targeted layer are set to zero, and training then continues with
-*no* gradient masking, so a zeroed filter can regrow and a different set may be zeroed next
-time. Because the network keeps its full capacity while the choice is being made, the final
-hard prune (lowest-norm filters at the final rate, exactly) costs less accuracy than a one-shot
-prune.
+Filters are never removed during training: at regular points of the phase the lowest-norm
+filters of each targeted layer are set to zero, and training then continues with *no* gradient
+masking, so a zeroed filter can regrow and a different set may be zeroed next time. Because the
+network keeps its full capacity while the choice is being made, the final hard prune
+(lowest-norm filters at the final rate, exactly) costs less accuracy than a one-shot prune.
 
-ASFP raises the rate asymptotically instead of using P from epoch 0:
+ASFP raises the rate asymptotically instead of using P from the start:
 P_t = P * (1 - 4^(-8 t / t_max)), our closed form of the paper's exponential fitted through
 (0, 0), (t_max/8, 3P/4) and (t_max, P) (see METHODS.md section 5; the anchor points are recalled,
 not re-checked). `asymptotic=False` gives plain SFP (constant P). Here P is each layer's own
-target (the search allocates per-layer rates; the paper uses one rate for every layer), and
-t counts epochs of this method's phase, so t_max = `epochs`.
+target (the search allocates per-layer rates; the paper uses one rate for every layer), t is
+measured in fractional epochs (optimiser steps / steps per epoch) and t_max = `epochs`.
+
+When to zero: the paper zeroes once per epoch over 200 epochs, i.e. 200 points on its schedule.
+A search gives this method 1-3 epochs, where once per epoch would jump from 0 to >= 97.5 % of P
+after one epoch and the asymptotic rise would never be seen. So soft pruning happens every
+`min(1 epoch, phase / min_events)` (at least one step): the paper's rhythm on long phases, at
+least `min_events` points on the curve on short ones.
 
 Soft zeroing touches the filter weights only, as SFP's code does. We deliberately leave the
 bias and BatchNorm gamma/beta alone: zeroing gamma too would cut every gradient into the
@@ -21,11 +26,16 @@ zeroed filter (BN output gamma * x_hat, with x_hat = 0 when the filter is 0), so
 regrow, which is the point of the method. The hard prune in `final_masks` then masks the
 filter rows, bias and BN entries through `channel_masks`, so the channel is dead and compaction
 and FLOPs accounting see it removed; masked fine-tuning absorbs the BN shift that causes.
+
+Differences from the paper: per-layer rates instead of one rate; a pretrained start (the paper
+also trains from scratch); on short phases soft pruning happens several times per epoch, which
+leaves a zeroed filter fewer steps to regrow between two zeroings than the paper's epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +70,16 @@ class ASFP(Pruner):
                                                   "from scratch)")
         asymptotic: bool = hp(True, doc="ASFP's rising rate (True) or SFP's constant rate")
         norm: int = hp(2, choices=(1, 2), doc="filter importance: L1 or L2 norm (paper: L2)")
+        min_events: int = hp(20, 1, 10000, doc="soft-pruning points per phase at least (paper: "
+                                               "one per epoch, kept on long phases)")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rates: dict[str, float] = {}  # the rate of the latest soft prune, per layer
+        self._step = 0
+        self._every = 1
+        self._total = 1
+        self._steps_per_epoch = 1
 
     @property
     def granularity(self) -> str:
@@ -81,16 +101,24 @@ class ASFP(Pruner):
 
     def soft_prune(self, epoch: float) -> dict[str, torch.Tensor]:
         """Zero each layer's lowest-norm filters at the rate of `epoch`; return the keep masks."""
-        return {layer: zero_filters(self.model.get_submodule(layer).weight,
-                                    self.rate(layer, epoch), self.params.norm)
-                for layer in self._layers()}
+        self.rates = {layer: self.rate(layer, epoch) for layer in self._layers()}
+        return {layer: zero_filters(self.model.get_submodule(layer).weight, r, self.params.norm)
+                for layer, r in self.rates.items()}
 
     # -- training hooks ----------------------------------------------------------------------
-    def on_epoch_start(self, epoch: int) -> None:
-        self.soft_prune(epoch)
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       steps_per_epoch: int, epochs: float) -> None:
+        """Soft prune at t = 0, then every `_every` steps (see the module docstring)."""
+        self._steps_per_epoch = steps_per_epoch
+        self._total = max(1, int(round(epochs * steps_per_epoch)))
+        self._every = max(1, min(steps_per_epoch, self._total // self.params.min_events))
+        self._step = 0
+        self.soft_prune(0.0)
 
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        self.soft_prune(epoch + 1)
+    def after_step(self, model: nn.Module) -> None:
+        self._step += 1
+        if self._step % self._every == 0 or self._step == self._total:
+            self.soft_prune(self._step / self._steps_per_epoch)
 
     def final_masks(self) -> Masks:
         """Hard prune: the lowest-norm filters at the final rate, whole channels (bias, BN)."""

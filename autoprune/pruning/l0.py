@@ -138,12 +138,16 @@ class L0(Pruner):
     @dataclasses.dataclass
     class Params:
         lam: float = hp(0.7, 1e-3, 10.0, doc="L0 strength per expected fraction of weights "
-                                             "kept (0.7 = paper's 0.1/N on MNIST; log scale)")
+                                             "kept (0.7 = paper's 0.1/N on MNIST; log scale)",
+                        search=(0.05, 5.0), log=True)
         init_drop: float = hp(0.5, 0.05, 0.95, doc="initial gate drop rate p: log alpha ~ "
-                                                   "N(log((1-p)/p), 0.01)")
-        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of gated training")
+                                                   "N(log((1-p)/p), 0.01)",
+                              search=(0.05, 0.5))
+        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of gated training",
+                           search=(1.0, 3.0))
         granularity: str = hp("weight", choices=("weight", "filter"),
-                              doc="one gate per weight (Xie 2019) or per filter (Louizos 2018)")
+                              doc="one gate per weight (Xie 2019) or per filter (Louizos 2018)",
+                              search_choices=("weight", "filter"))
         gate_lr_mult: float = hp(1000.0, 1.0, 1e5, doc="gradient scale of log alpha (an lr "
                                                        "multiplier under SGD; log scale)")
 

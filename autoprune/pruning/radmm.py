@@ -58,10 +58,18 @@ class ReweightedADMM(ADMM):
 
     @dataclasses.dataclass
     class Params(ADMM.Params):
-        rho: float = hp(1e-3, 1e-5, 1.0, doc="ADMM penalty rho")
+        # Inherited from ADMM but not searched for this method (redeclared without a range).
+        rho_mult: float = hp(1.0, 1.0, 10.0, doc="rho multiplier after each ADMM iteration "
+                                                 "(1 = fixed)")
+        granularity: str = hp("weight", choices=("weight", "filter"),
+                              doc="reweighted L1 on single weights or on filter norms")
+        rho: float = hp(1e-3, 1e-5, 1.0, doc="ADMM penalty rho",
+                        search=(1e-4, 1e-1), log=True)
         lam: float = hp(1e-6, 1e-9, 1e-2, doc="reweighted-L1 strength lambda (threshold "
-                                              "lam*alpha/rho; log scale)")
-        eps: float = hp(1e-3, 1e-6, 1e-1, doc="reweighting floor: alpha = 1/(|Z| + eps)")
+                                              "lam*alpha/rho; log scale)",
+                        search=(1e-7, 1e-3), log=True)
+        eps: float = hp(1e-3, 1e-6, 1e-1, doc="reweighting floor: alpha = 1/(|Z| + eps)",
+                        search=(1e-4, 1e-2), log=True)
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                        steps_per_epoch: int, epochs: float) -> None:

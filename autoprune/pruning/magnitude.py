@@ -24,6 +24,14 @@ def agp_sparsity(final: float, progress: float) -> float:
 @register
 class Magnitude(Pruner):
     name = "magnitude"
+    differences = (
+        "one-shot (Han et al. 2015) prunes and retrains in several rounds, with a threshold of "
+        "quality x std of the layer's weights; here one exact top-|w| cut per layer, then a "
+        "single masked fine-tune",
+        "gradual (Zhu & Gupta 2017) starts pruning at a chosen step t0 of ongoing training and "
+        "keeps training after the ramp; here the ramp starts with the phase (t0 = 0) and the "
+        "phase is short, fine-tuning follows",
+    )
 
     @dataclasses.dataclass
     class Params:

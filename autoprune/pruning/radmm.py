@@ -55,6 +55,11 @@ class ReweightedADMM(ADMM):
     """ADMM whose Z-step is a reweighted soft threshold instead of a hard projection."""
 
     name = "radmm"
+    differences = (
+        "the paper's full text was not available: its exact reweighting rule, schedule and "
+        "hyperparameters are unknown; this is reweighted L1 (Candes et al. 2008) in ADMM's "
+        "Z-step, the closest published formulation",
+    )
 
     @dataclasses.dataclass
     class Params(ADMM.Params):

@@ -77,7 +77,7 @@ class GroupTaylor(Pruner):
     class Params:
         batches: int = hp(32, 1, 100000, doc="mini-batches whose Taylor importance is averaged "
                                              "per round", search=(4, 64))
-        rounds: int = hp(1, 1, 100, doc="pruning steps, each re-scoring the partly pruned net "
+        rounds: int = hp(4, 1, 100, doc="pruning steps, each re-scoring the partly pruned net "
                                         "(paper: iterative)", search=(1, 4))
 
     def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,

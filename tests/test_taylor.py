@@ -53,7 +53,7 @@ def test_with_batchnorm_the_score_is_the_bn_gate_criterion():
 def test_calibrate_scores_without_changing_the_network(digits, pretrained):
     model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
-    pruner = get_method("taylor")(model, TARGETS, graph, batches=3)
+    pruner = get_method("taylor")(model, TARGETS, graph, batches=3, rounds=1)
     with pytest.raises(RuntimeError, match="before calibrate"):
         pruner.final_masks()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -76,7 +76,7 @@ def test_a_large_but_useless_filter_is_pruned_where_magnitude_keeps_it(digits, p
         model.conv2.weight[:, 0].zero_()  # nobody reads channel 0
     graph = build_channel_graph(model, digits.example())
     assert filter_scores(model.conv1.weight).argmax() == 0
-    pruner = get_method("taylor")(model, {"conv1": 0.25}, graph, batches=4)
+    pruner = get_method("taylor")(model, {"conv1": 0.25}, graph, batches=4, rounds=1)
     pruner.calibrate(model, calibration_batches(digits, 64, 0))
     assert pruner.scores["conv1"][0] == 0.0
     masks = pruner.final_masks()

@@ -7,8 +7,10 @@ import torch
 from conftest import fresh_digits_lenet
 from torch import nn
 
+from autoprune.data import TensorData, dataset_info
 from autoprune.engine import Recipe
 from autoprune.graph import build_channel_graph
+from autoprune.models import build_model
 from autoprune.pruning import get_method
 from autoprune.pruning.base import filter_scores, n_pruned
 from autoprune.pruning.runner import calibration_batches, prune_and_finetune
@@ -98,3 +100,24 @@ def test_rounds_prune_in_steps_and_meet_the_targets(digits, pretrained):
         early = res.pruner._dead[layer]
         assert 0 < int(early.sum()) < n and bool(dead[layer][early].all()), layer
         assert bool((res.pruner.scores[layer][early] == -1.0).all())
+
+
+def test_resnet20_with_batchnorm_scores_and_keeps_running_stats() -> None:
+    """On a BN network: targets met, dead channels include BN, running stats untouched."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3, 32)
+    x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    data = TensorData(dataset_info("cifar10"), x[:16], y[:16], x[16:], y[16:], x[16:], y[16:])
+    graph = build_channel_graph(model, data.example())
+    targets = dict.fromkeys(graph.free_layers(), 0.5)
+    stats = {k: v.clone() for k, v in model.named_buffers()}
+    pruner = get_method("taylor")(model, targets, graph, batches=2, rounds=2)
+    pruner.calibrate(model, calibration_batches(data, 8, 0))
+    assert all(torch.equal(stats[k], v) for k, v in model.named_buffers())
+    masks = pruner.final_masks()
+    for layer in targets:
+        dropped = masks[f"{layer}.weight"].flatten(1).eq(0).all(1)
+        assert int(dropped.sum()) == n_pruned(dropped.numel(), 0.5), layer
+    dropped = masks["layer1.0.conv1.weight"].flatten(1).eq(0).all(1)
+    assert not masks["layer1.0.bn1.weight"][dropped].any()  # the whole channel: BN too
+    assert not masks["layer1.0.bn1.bias"][dropped].any()

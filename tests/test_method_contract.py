@@ -29,6 +29,10 @@ FILTER_TARGETS = {"conv1": 0.5, "conv2": 0.25, "fc1": 0.5}  # the free layers of
 PRUNE = Recipe(lr=0.05, batch_size=64)
 FINETUNE = Recipe(epochs=1, lr=0.02, batch_size=64)
 METHOD_NAMES = sorted(load_all())
+# Each method at its cheapest setting, and once more per other declared granularity.
+CASES = [(m, {}) for m in METHOD_NAMES] + [
+    (m, {"granularity": g}) for m in METHOD_NAMES
+    for g in load_all()[m].search_space().get("granularity", {}).get("choices", [])[1:]]
 
 
 def cheap_params(cls: type[Pruner]) -> dict:
@@ -53,10 +57,12 @@ def inert_masks(model: torch.nn.Module, targets: dict[str, float], granularity: 
     return out
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
-def test_every_method_meets_targets_keeps_zeros_and_is_not_inert(digits, pretrained, method):
+@pytest.mark.parametrize("method, override", CASES,
+                         ids=[m + "".join(f"-{v}" for v in o.values()) for m, o in CASES])
+def test_every_method_meets_targets_keeps_zeros_and_is_not_inert(digits, pretrained, method,
+                                                                 override):
     cls = load_all()[method]
-    params = cheap_params(cls)
+    params = {**cheap_params(cls), **override}
     model = fresh_digits_lenet(pretrained)
     graph = build_channel_graph(model, digits.example())
     granularity = cls(model, {}, graph, **params).granularity

@@ -82,19 +82,39 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(cls: type) -> str:
+    """First line of a method's class docstring, else of its module's."""
+    doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+    return doc.strip().split("\n")[0]
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
+    import textwrap
+
     from .pruning import load_all
 
-    methods = {name: cls.describe() for name, cls in sorted(load_all().items())}
+    methods = {name: {"summary": _summary(cls),
+                      "hyperparameters": cls.describe(), "differences": list(cls.differences)}
+               for name, cls in sorted(load_all().items())}
     if args.json:
         print(json.dumps(methods, indent=2, default=str))
         return 0
-    for name, hps in methods.items():
-        print(name)
-        for h in hps:
+    for name, m in methods.items():
+        print(f"{name}: {m['summary']}")
+        for h in m["hyperparameters"]:
             rng = f" [{h['low']}, {h['high']}]" if "low" in h else ""
             ch = f" {list(h['choices'])}" if "choices" in h else ""
             print(f"  {h['name']:<16} default {h['default']!s:<10}{rng}{ch}  {h.get('doc', '')}")
+            if "search" in h:
+                sp = h["search"]
+                what = (f"{sp['choices']}" if "choices" in sp else
+                        f"[{sp['low']}, {sp['high']}]{' log' if sp.get('log') else ''}")
+                print(f"  {'':<16} searched {what}")
+        if m["differences"]:
+            print("  differences from the paper:")
+            for d in m["differences"]:
+                print(textwrap.fill(d, width=96, initial_indent="    - ",
+                                    subsequent_indent="      "))
     return 0
 
 

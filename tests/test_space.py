@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import optuna
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from autoprune.errors import UserError
 from autoprune.paths import SPACES_DIR
 from autoprune.pruning import load_all
-from autoprune.search.space import SearchSpace
+from autoprune.search.space import Dist, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -20,7 +21,7 @@ RESNET20 = ["conv1", *[f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range
                        for c in (1, 2)], "layer2.0.shortcut.0", "layer3.0.shortcut.0", "fc"]
 ALL_SIX = ("magnitude", "admm", "radmm", "l0", "adaptive_l1", "asfp")
 DOC_HPS = {  # hyperparameter names of METHODS.md that the built-in spaces must search
-    "magnitude": {"gradual", "epochs"},
+    "magnitude": {"gradual", "epochs", "granularity"},
     "admm": {"rho", "rho_mult", "admm_iters", "epochs_per_iter", "granularity"},
     "radmm": {"rho", "eps", "admm_iters", "epochs_per_iter", "granularity"},
     "l0": {"lam", "init_drop", "epochs", "granularity", "gate_lr"},
@@ -262,22 +263,29 @@ def test_group_named_like_a_layer_is_refused():
 
 # -- the built-in spaces ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["default", "deep"])
-def test_builtin_spaces_name_the_documented_hyperparameters(name):
-    d = yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
-    assert set(d["methods"]) == set(ALL_SIX)
-    for method, hps in DOC_HPS.items():
-        assert set(d["methods"][method]) == hps, method
-        for hp, spec in d["methods"][method].items():  # quick CPU trials
-            if hp == "epochs":
-                assert spec["high"] <= 3
+def test_builtin_spaces_search_the_declared_hyperparameters(name):
+    """The built-in files list no method: every registered one competes with its declared ranges."""
+    assert yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())["methods"] == "declared"
+    s = SearchSpace.load(SPACES_DIR / f"{name}.yaml")
+    assert set(s.methods) == set(load_all()) >= set(ALL_SIX)
+    for method, hps in DOC_HPS.items():  # METHODS.md's knobs of the six seed methods
+        assert set(s.methods[method]) == hps, method
+    for method, dists in s.methods.items():
+        assert dists, f"{method} declares no search range"
+        assert all(not d.fixed for d in dists.values()), method
+        if "epochs" in dists:  # quick CPU trials
+            assert dists["epochs"].high <= 3, method
     for method in ("admm", "radmm"):  # ADMM iterations x epochs per iteration <= 3 epochs
-        hps = d["methods"][method]
-        assert hps["admm_iters"]["high"] * hps["epochs_per_iter"]["high"] <= 3
+        hps = s.methods[method]
+        assert hps["admm_iters"].high * hps["epochs_per_iter"].high <= 3
+    admm = s.methods["admm"]  # today's ranges, now declared in admm.py
+    assert (admm["rho"].low, admm["rho"].high, admm["rho"].log) == (1e-4, 1e-1, True)
+    assert admm["admm_iters"].kind == "int" and admm["rho_mult"].choices == (1.0, 1.3, 2.0)
 
 
 def test_deep_space_groups_resnet_stages():
     d = yaml.safe_load((SPACES_DIR / "deep.yaml").read_text())
-    d["methods"] = {"magnitude": d["methods"]["magnitude"]}  # validate without the other methods
+    d["methods"] = {"magnitude": "declared"}
     s = SearchSpace.from_dict(d, source="deep.yaml")
     keys = s.alloc_keys(RESNET20)
     assert list(keys) == ["conv1", "stage1", "stage2", "stage3", "fc"]
@@ -286,9 +294,9 @@ def test_deep_space_groups_resnet_stages():
 
 @pytest.mark.parametrize("name", ["default", "deep"])
 def test_builtin_spaces_load_strictly(name):
-    require(*ALL_SIX)
     s = SearchSpace.load(SPACES_DIR / f"{name}.yaml")
-    assert set(s.methods) == set(ALL_SIX)
+    assert set(s.methods) == set(load_all())
+    assert s.target_floor == 0.6 and s.max_sparsity == 0.99
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(12):
         trial = study.ask()
@@ -298,15 +306,114 @@ def test_builtin_spaces_load_strictly(name):
         study.tell(trial, 0.0)
 
 
-@pytest.mark.parametrize("name", ["default", "deep"])
-def test_builtin_spaces_validate_for_the_registered_methods(name):
-    """Until all six methods exist, the entries of those that do must already be valid."""
-    d = yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
-    registered = load_all()
-    d["methods"] = {m: hps for m, hps in d["methods"].items() if m in registered}
-    s = SearchSpace.from_dict(d, source=name)
-    assert "magnitude" in s.methods
-    assert s.target_floor == 0.6 and s.max_sparsity == 0.99
+@pytest.mark.parametrize("method", sorted(load_all()))
+def test_every_declared_range_is_valid_and_sampled(method):
+    """A method's declared ranges pass the same checks as a YAML range, and decode to Params."""
+    cls = load_all()[method]
+    s = SearchSpace.from_dict({"methods": {method: "declared"}}, source="declared")
+    assert set(s.methods[method]) == set(cls.search_space())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(4):
+        trial = study.ask()
+        const = s.suggest(trial, LENET)
+        plan = s.decode({**trial.params, **const}, LENET)
+        cls.make_params(**plan.params)
+        study.tell(trial, 0.0)
+
+
+def test_declared_merges_with_overrides():
+    d = {"methods": {"admm": {"declared": True, "rho": 1e-3,
+                              "granularity": {"choices": ["filter"]}},
+                     "magnitude": "declared", "asfp": {"declared": False, "epochs": 1.0}}}
+    s = SearchSpace.from_dict(d)
+    assert set(s.methods) == {"admm", "magnitude", "asfp"}  # only the listed methods compete
+    admm = s.methods["admm"]
+    assert set(admm) == DOC_HPS["admm"]
+    assert admm["rho"].fixed and admm["rho"].value == 1e-3
+    assert admm["granularity"].choices == ("filter",) and admm["admm_iters"].kind == "int"
+    assert set(s.methods["magnitude"]) == DOC_HPS["magnitude"]
+    assert s.methods["asfp"] == {"epochs": Dist("fixed", value=1.0)}
+    trial = optuna.create_study().ask()
+    const = s.suggest(trial, LENET)
+    if trial.params["method"] == "admm":
+        assert const["admm.rho"] == 1e-3 and "admm.rho" not in trial.params
+        assert "admm.rho_mult" in trial.params
+
+
+@pytest.mark.parametrize("d, fragment", [
+    ({"methods": "all"}, "methods: must be a non-empty mapping of method -> hyperparameters, or "
+                         "'declared'"),
+    ({"methods": {"admm": "everything"}}, "methods.admm: must map hyperparameters"),
+    ({"methods": {"admm": {"declared": "yes"}}}, "methods.admm.declared: must be true or false"),
+    ({"methods": {"admm": {"declared": True, "rho": {"low": 1.0, "high": 5.0}}}},
+     "methods.admm.rho: admm.rho must be in"),
+])
+def test_bad_declared_entries(d, fragment):
+    with pytest.raises(UserError) as info:
+        SearchSpace.from_dict(d, source="bad.yaml")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_declared_range_outside_the_valid_range_fails_at_load():
+    """A method file's own mistake is caught like a YAML one, naming the method and field."""
+    import dataclasses
+
+    from autoprune.pruning.base import METHODS, Pruner, hp, register
+
+    @register
+    class _Bad(Pruner):
+        name = "_bad_declared"
+
+        @dataclasses.dataclass
+        class Params:
+            k: float = hp(0.5, 0.0, 1.0, search=(0.1, 2.0))
+
+        def final_masks(self):
+            return {}
+
+    try:
+        with pytest.raises(UserError, match=r"^x\.yaml: methods\._bad_declared\.k: .*must be in "
+                                            r"\[0\.0, 1\.0\], got 2\.0$"):
+            SearchSpace.from_dict({"methods": "declared"}, source="x.yaml")
+    finally:
+        METHODS.pop("_bad_declared", None)
+
+
+def test_hp_search_metadata_and_abstract_pruner():
+    import dataclasses
+
+    from autoprune.pruning.base import Pruner, hp
+
+    @dataclasses.dataclass
+    class P:
+        a: float = hp(1.0, 0.0, 10.0, search=(0.5, 2.0), log=True)
+        b: str = hp("x", choices=("x", "y"), search_choices=("x", "y"))
+        c: int = hp(3, 1, 9)
+
+    class M(Pruner):
+        Params = P
+
+    assert M.search_space() == {"a": {"low": 0.5, "high": 2.0, "log": True},
+                                "b": {"choices": ["x", "y"]}}
+    assert [d.get("search") for d in M.describe()] == [
+        {"low": 0.5, "high": 2.0, "log": True}, {"choices": ["x", "y"]}, None]
+    with pytest.raises(TypeError, match="abstract"):  # final_masks is the one required method
+        M(None, {}, None)
+    with pytest.raises(ValueError):
+        hp(1.0, search=(0, 1), search_choices=(0, 1))
+
+
+def test_search_tracking_and_export_never_name_a_method():
+    """Adding a method is one file: no module outside `pruning/` knows a method by name."""
+    import autoprune
+
+    root = Path(autoprune.__file__).parent
+    files = [f for f in sorted(root.rglob("*.py")) if "pruning" not in f.relative_to(root).parts]
+    assert any("space" in f.name for f in files) and len(files) > 10
+    for f in files:
+        text = f.read_text()
+        for method in load_all():
+            assert f'"{method}"' not in text and f"'{method}'" not in text, (f.name, method)
 
 
 def test_exponent_numbers_are_floats_in_space_and_study_files(tmp_path):

@@ -148,12 +148,20 @@ class AdaptiveL1(Pruner):
     """Multi-granularity group-L1 with adaptive coefficients, then coarse-to-fine pruning."""
 
     name = "adaptive_l1"
+    differences = (
+        "the paper's full text was not available: the algorithm is our reconstruction from its "
+        "abstract (coarse-to-fine granularities, adaptive L1, dimension-matched layers)",
+        "the coefficients are not scaled by each layer's FLOPs share, and groups are not zeroed "
+        "by a norm threshold tau: an exact coarse-to-fine allocation meets the targets instead",
+    )
 
     @dataclasses.dataclass
     class Params:
-        lam0: float = hp(1e-4, 1e-6, 1e-2, doc="base group-L1 strength lambda_0 (log scale)")
+        lam0: float = hp(1e-4, 1e-6, 1e-2, doc="base group-L1 strength lambda_0 (log scale)",
+                         search=(1e-5, 1e-3), log=True)
         filter_share: float = hp(0.5, 0.0, 1.0, doc="largest share of a layer's removals "
-                                                    "taken as whole filters")
+                                                    "taken as whole filters",
+                                 search=(0.0, 0.8))
         kernel_share: float = hp(0.5, 0.0, 1.0, doc="largest share of the removals left "
                                                     "taken as whole kernels")
         stripe_share: float = hp(0.5, 0.0, 1.0, doc="largest share of the removals left "
@@ -161,7 +169,8 @@ class AdaptiveL1(Pruner):
         levels: str = hp("filter,kernel,stripe,weight", choices=LEVEL_CHOICES,
                          doc="enabled granularities, coarse to fine (single weights always "
                              "complete the target; 'weight' adds their L1 penalty)")
-        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of regularised training")
+        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of regularised training",
+                           search=(1.0, 3.0))
 
     def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,
                  **params: Any) -> None:

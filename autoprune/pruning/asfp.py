@@ -63,12 +63,21 @@ class ASFP(Pruner):
     """Soft filter pruning with an asymptotic (ASFP) or constant (SFP) rate."""
 
     name = "asfp"
+    differences = (
+        "the papers train from scratch for 200 epochs (or from pretrained at lr 0.01) while "
+        "soft-pruning; here a few epochs from the pretrained dense net",
+        "the papers use one rate P for every pruned layer; here each layer has its own target",
+        "ASFP's curve (anchors 0, 3P/4 at t_max/8, P at t_max) is taken from a third-party "
+        "re-implementation, not re-checked in the paper; ASFP's own code was never released",
+    )
 
     @dataclasses.dataclass
     class Params:
         epochs: float = hp(10.0, 0.0, 1000.0, doc="epochs of soft pruning (t_max; paper: 200, "
-                                                  "from scratch)")
-        asymptotic: bool = hp(True, doc="ASFP's rising rate (True) or SFP's constant rate")
+                                                  "from scratch)",
+                           search=(1.0, 3.0))
+        asymptotic: bool = hp(True, doc="ASFP's rising rate (True) or SFP's constant rate",
+                              search_choices=(False, True))
         norm: int = hp(2, choices=(1, 2), doc="filter importance: L1 or L2 norm (paper: L2)")
         min_events: int = hp(20, 1, 10000, doc="soft-pruning points per phase at least (paper: "
                                                "one per epoch, kept on long phases)")

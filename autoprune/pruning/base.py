@@ -1,9 +1,13 @@
 """The `Pruner` interface, the method registry, and the masks every method ends with.
 
 A method is one class in one file of this package: typed hyperparameters in a nested `Params`
-dataclass (defaults from its paper, ranges in field metadata), hooks into the training loop
-(inherited from `TrainHook`) and `final_masks()`, which must meet the per-layer targets exactly.
-Decorating it with `@register` is all it takes to make it usable by `prune` and `search`.
+dataclass (defaults from its paper, valid ranges and *search* ranges in field metadata, see
+`hp`), optional hooks into the training loop (inherited from `TrainHook`), an optional
+`calibrate(model, batches)` that sees training data before pruning (SNIP, Taylor, HRank), and
+the one abstract method, `final_masks()`, which must meet the per-layer targets exactly.
+Decorating it with `@register` is all it takes to make it usable by `prune` and `search`: the
+built-in search spaces are generated from the declared search ranges (`search_space()`), and
+`autoprune methods` shows its hyperparameters and its `differences` from the paper.
 
 Targets are per-layer *sparsities*: for `granularity == "weight"` the fraction of a layer's
 weights removed, for `"filter"` the fraction of its output filters removed (then only layers in
@@ -12,8 +16,10 @@ weights removed, for `"filter"` the fraction of its output filters removed (then
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -48,16 +54,45 @@ def get_method(name: str) -> type[Pruner]:
 
 
 def hp(default: Any, low: float | None = None, high: float | None = None,
-       choices: tuple | None = None, doc: str = "") -> Any:
-    """A hyperparameter field: default plus the valid range (inclusive) or choices."""
-    return dataclasses.field(default=default, metadata={"low": low, "high": high,
-                                                        "choices": choices, "doc": doc})
+       choices: tuple | None = None, doc: str = "", *,
+       search: tuple[float, float] | None = None, log: bool = False,
+       search_choices: tuple | None = None) -> Any:
+    """A hyperparameter field: default, the valid range (inclusive) or choices, and what to search.
+
+    `search=(low, high)` (with `log=True` for a log-uniform range; integer for an int field) or
+    `search_choices=(...)` declares the range the built-in search spaces sample; a field with
+    neither is fixed at its (paper) default there. Search ranges must lie inside the valid range:
+    the search space loader checks them like ranges written in a YAML file.
+    """
+    if search is not None and search_choices is not None:
+        raise ValueError("hp(): give search=(low, high) or search_choices=(...), not both")
+    if log and search is None:
+        raise ValueError("hp(): log=True needs search=(low, high)")
+    return dataclasses.field(default=default, metadata={
+        "low": low, "high": high, "choices": choices, "doc": doc, "search": search,
+        "log": log, "search_choices": search_choices})
 
 
-class Pruner(TrainHook):
-    """Base class of every pruning method."""
+def _search_spec(f: dataclasses.Field) -> dict[str, Any] | None:
+    """A field's declared search range as a search-space distribution mapping, or None."""
+    m = f.metadata
+    if m.get("search_choices") is not None:
+        return {"choices": list(m["search_choices"])}
+    if m.get("search") is not None:
+        low, high = m["search"]
+        spec: dict[str, Any] = {"low": low, "high": high}
+        if m.get("log"):
+            spec["log"] = True
+        return spec
+    return None
+
+
+class Pruner(TrainHook, abc.ABC):
+    """Base class of every pruning method: implement `final_masks`, override hooks as needed."""
 
     name: ClassVar[str] = ""
+    # What the paper does that this implementation does not (shown by `autoprune methods`).
+    differences: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Params:
@@ -93,9 +128,19 @@ class Pruner(TrainHook):
         """Length of the method's own (regularised / scheduled) phase before fine-tuning."""
         return float(self.params.epochs)
 
+    def calibrate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> None:
+        """Look at training data before pruning (default: nothing).
+
+        The runner calls it once, before the method's own phase and before `final_masks`, with
+        an endless iterator of shuffled training batches `(x, y)` on the model's device: a
+        data-driven one-shot method (SNIP, Taylor, HRank) takes as many as it needs. Batches
+        are drawn lazily, so a method that does not override this costs nothing.
+        """
+
+    @abc.abstractmethod
     def final_masks(self) -> Masks:
         """Masks meeting the targets exactly; called once after the method's phase."""
-        raise NotImplementedError
 
     # -- hyperparameters --------------------------------------------------------------------
     @classmethod
@@ -128,11 +173,32 @@ class Pruner(TrainHook):
         return out
 
     @classmethod
+    def search_space(cls) -> dict[str, dict[str, Any]]:
+        """The declared search ranges, {hp: {low, high[, log]} | {choices: [...]}}.
+
+        What the built-in spaces search for this method (`methods: declared`); every other
+        hyperparameter stays at its paper default.
+        """
+        out = {}
+        for f in dataclasses.fields(cls.Params):
+            spec = _search_spec(f)
+            if spec is not None:
+                out[f.name] = spec
+        return out
+
+    @classmethod
     def describe(cls) -> list[dict]:
-        """Hyperparameters with defaults and ranges, for `--help`-style listings."""
-        return [{"name": f.name, "default": f.default, **{k: v for k, v in f.metadata.items()
-                                                          if v not in (None, "")}}
-                for f in dataclasses.fields(cls.Params)]
+        """Hyperparameters with defaults, valid and search ranges, for `methods` listings."""
+        out = []
+        for f in dataclasses.fields(cls.Params):
+            d = {"name": f.name, "default": f.default}
+            d.update({k: f.metadata[k] for k in ("low", "high", "choices", "doc")
+                      if f.metadata.get(k) not in (None, "")})
+            spec = _search_spec(f)
+            if spec is not None:
+                d["search"] = spec
+            out.append(d)
+        return out
 
 
 def _field_type(f: dataclasses.Field) -> type:

@@ -54,15 +54,26 @@ def agp_sparsity(final: float, progress: float) -> float:
 @register
 class Magnitude(Pruner):
     name = "magnitude"
+    differences = (
+        "one-shot (Han et al. 2015) prunes and retrains in several rounds, with a threshold of "
+        "quality x std of the layer's weights; here one exact top-|w| cut per layer, then a "
+        "single masked fine-tune",
+        "gradual (Zhu & Gupta 2017) starts pruning at a chosen step t0 of ongoing training and "
+        "keeps training after the ramp; here the ramp starts with the phase (t0 = 0) and the "
+        "phase is short, fine-tuning follows",
+    )
 
     @dataclasses.dataclass
     class Params:
-        gradual: bool = hp(False, doc="AGP cubic schedule instead of one-shot")
-        epochs: float = hp(2.0, 0.0, 1000.0, doc="length of the gradual phase")
+        gradual: bool = hp(False, doc="AGP cubic schedule instead of one-shot",
+                           search_choices=(False, True))
+        epochs: float = hp(2.0, 0.0, 1000.0, doc="length of the gradual phase",
+                           search=(0.5, 2.0))
         ramp: float = hp(0.75, 0.05, 1.0, doc="fraction of the phase over which sparsity rises")
         frequency: int = hp(10, 1, 100000, doc="steps between mask updates")
         granularity: str = hp("weight", choices=("weight", "filter"),
-                              doc="single weights (|w|) or whole filters (Li et al. 2017)")
+                              doc="single weights (|w|) or whole filters (Li et al. 2017)",
+                              search_choices=("weight", "filter"))
         norm: int = hp(1, choices=(1, 2), doc="filter importance: L1 (Li et al.) or L2 norm")
 
     @property

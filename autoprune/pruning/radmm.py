@@ -111,13 +111,26 @@ class ReweightedADMM(ADMM):
     """ADMM whose Z-step is a target-reaching reweighted soft threshold."""
 
     name = "radmm"
+    differences = (
+        "the paper's full text was not available: its exact reweighting rule, schedule and "
+        "hyperparameters are unknown; this is reweighted L1 (Candes et al. 2008) in ADMM's "
+        "Z-step, the closest published formulation",
+    )
 
     @dataclasses.dataclass
     class Params(ADMM.Params):
+        # Inherited from ADMM but not searched for this method (redeclared without a range).
+        rho_mult: float = hp(1.0, 1.0, 10.0, doc="rho multiplier after each ADMM iteration "
+                                                 "(1 = fixed)")
+        granularity: str = hp("weight", choices=("weight", "filter"),
+                              doc="reweighted L1 on single weights or on filter norms",
+                              search_choices=("weight", "filter"))
         rho: float = hp(0.1, 1e-5, 1.0, doc="ADMM penalty rho (0.1: W follows Z within a "
-                                           "few epochs on digits; 1e-3 did not)")
+                                           "few epochs on digits; 1e-3 did not)",
+                        search=(1e-4, 1e-1), log=True)
         eps: float = hp(0.3, 1e-3, 10.0, doc="reweighting floor relative to the layer's mean "
-                                              "|V| (or filter norm): alpha = 1/(|Z| + eps)")
+                                              "|V| (or filter norm): alpha = 1/(|Z| + eps)",
+                        search=(0.05, 2.0), log=True)
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                        steps_per_epoch: int, epochs: float) -> None:

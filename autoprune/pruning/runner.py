@@ -1,21 +1,25 @@
 """Prune then fine-tune: the two phases every method goes through, whatever the method.
 
 Phase 1 trains with the method's hooks for `pruner.prune_epochs` (ADMM iterations, L0 gates,
-soft filter pruning, AGP ramp; zero for one-shot magnitude). Then `final_masks()` fixes the
-sparsity pattern, which is applied and kept by masked fine-tuning (phase 2).
+soft filter pruning, AGP ramp; zero for one-shot methods), after `pruner.calibrate` has seen
+training batches (data-driven one-shot methods such as Taylor score there). Then
+`final_masks()` fixes the sparsity pattern, which is applied and kept by masked fine-tuning
+(phase 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..data import TensorData
-from ..engine import Recipe, train
+from ..engine import Recipe, prepare, train
 from ..graph import ChannelGraph
 from .base import MaskHook, Masks, Pruner, apply_masks, get_method
 
@@ -66,6 +70,8 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
         model.load_state_dict(resume.state)
         masks = {k: v.to(model.get_parameter(k).device) for k, v in resume.masks.items()}
     else:
+        model = prepare(model, data.device)
+        pruner.calibrate(model, calibration_batches(data, prune_recipe.batch_size, seed))
         if pruner.prune_epochs > 0:
             recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
             train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
@@ -79,3 +85,11 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
         train(model, data, finetune_recipe, hooks=[MaskHook(masks)], seed=seed + 1,
               on_epoch=log("finetune"))
     return PruneResult(pruner, masks, history)
+
+
+def calibration_batches(data: TensorData, batch_size: int, seed: int
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled training batches for `Pruner.calibrate`, drawn lazily (seeded)."""
+    gen = torch.Generator().manual_seed(seed + 7919)  # its own stream: no global reseed
+    return itertools.chain.from_iterable(
+        data.batches(batch_size, gen) for _ in itertools.count())

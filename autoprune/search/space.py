@@ -1,17 +1,25 @@
 """Declarative search spaces (`search_spaces/*.yaml`) -> a define-by-run function for Optuna.
 
 A space says which pruning methods compete, which of their hyperparameters are searched and
-over what ranges (unlisted ones keep the paper defaults of the method's `Params`), which
-fine-tune settings are searched, and how per-layer sparsity is parametrised:
+over what ranges, which fine-tune settings are searched, and how per-layer sparsity is
+parametrised:
 
-    methods:      {method: {hyperparameter: distribution | fixed value}}
+    methods:      declared | {method: declared | {[declared: true,] hyperparameter: spec}}
     finetune:     {recipe key: distribution | fixed value}
     sparsity:     {target_floor, allocation, prior, max_sparsity, exclude, groups}
 
+Each method declares its own search ranges next to its hyperparameters (`hp(search=...)` in
+its file), so this module never names a method. `methods: declared` is every registered
+method with its declared ranges (the built-in spaces); `method: declared` picks one method that
+way, and `{declared: true, ...}` starts from the declared ranges and overrides the listed
+hyperparameters. A plain mapping lists exactly what is searched: unlisted hyperparameters keep
+the paper defaults of the method's `Params`.
+
 A distribution is `{low, high}` (optionally `log: true`, `int: true`, `step`) or
 `{choices: [...]}`; any other value is fixed. Everything is checked when the file is loaded,
-against the method registry and each method's own hyperparameter ranges, so a typo fails in a
-second with the file and key named, not hours later inside a Ray worker.
+against the method registry and each method's own hyperparameter ranges (declared ranges
+included), so a typo fails in a second with the file and key named, not hours later inside a
+Ray worker.
 
 The space is *conditional*: `suggest` samples the method first and only that method's
 hyperparameters (named `<method>.<hp>`), so samplers never see parameters that did not matter.
@@ -324,11 +332,17 @@ def _field_types(params_cls: type) -> dict[str, type]:
             for f in dataclasses.fields(params_cls)}
 
 
-def _parse_methods(m: Any, fail) -> dict[str, dict[str, Dist]]:
-    from ..pruning import get_method
+DECLARED = "declared"  # methods (or one method) taken from the methods' declared ranges
 
+
+def _parse_methods(m: Any, fail) -> dict[str, dict[str, Dist]]:
+    from ..pruning import get_method, load_all
+
+    if m == DECLARED:
+        m = dict.fromkeys(sorted(load_all()), DECLARED)
     if not isinstance(m, dict) or not m:
-        raise fail("methods", "must be a non-empty mapping of method -> hyperparameters")
+        raise fail("methods", f"must be a non-empty mapping of method -> hyperparameters, or "
+                              f"'{DECLARED}' for every method with its declared ranges")
     out: dict[str, dict[str, Dist]] = {}
     for name, hps in m.items():
         key = f"methods.{name}"
@@ -338,9 +352,7 @@ def _parse_methods(m: Any, fail) -> dict[str, dict[str, Dist]]:
             cls = get_method(name)
         except UserError as exc:
             raise fail(key, str(exc)) from None
-        hps = hps or {}
-        if not isinstance(hps, dict):
-            raise fail(key, f"must map hyperparameters to distributions, got {hps!r}")
+        hps = _with_declared(cls, hps, key, fail)
         types = _field_types(cls.Params)
         dists: dict[str, Dist] = {}
         for hp, spec in hps.items():
@@ -360,6 +372,23 @@ def _parse_methods(m: Any, fail) -> dict[str, dict[str, Dist]]:
             dists[hp] = dist
         out[name] = dists
     return out
+
+
+def _with_declared(cls: Any, hps: Any, key: str, fail) -> dict[str, Any]:
+    """A method's entry as {hp: spec}: `declared` and `declared: true` merge its own ranges."""
+    if hps == DECLARED:
+        return cls.search_space()
+    hps = hps or {}
+    if not isinstance(hps, dict):
+        raise fail(key, f"must map hyperparameters to distributions (or be '{DECLARED}'), "
+                        f"got {hps!r}")
+    if DECLARED not in hps:
+        return hps
+    flag = hps[DECLARED]
+    if not isinstance(flag, bool):
+        raise fail(f"{key}.{DECLARED}", f"must be true or false, got {flag!r}")
+    rest = {k: v for k, v in hps.items() if k != DECLARED}
+    return {**cls.search_space(), **rest} if flag else rest
 
 
 def _parse_finetune(f: Any, fail) -> dict[str, Dist]:

@@ -13,7 +13,7 @@ from typing import Any
 
 # `autoprune.search` names both the API function below and the subpackage autoprune/search/.
 # The first import of a subpackage sets the parent's attribute to it, which would replace the
-# function as soon as anything imports `autoprune.search.orchestrator`. So the subpackage (an
+# function as soon as anything imports `autoprune.orchestration.orchestrator`. So the subpackage (an
 # empty __init__) is imported here, before `def search`: later imports find it in sys.modules
 # and leave the function in place.
 from . import search as _search_package  # noqa: F401

@@ -16,9 +16,9 @@ from typing import Any
 from .budget import Budget
 from .engine import Recipe
 from .errors import UserError
+from .orchestration.projection import CostTable, min_reachable, project, size_prior
 from .pipeline import Workbench, granularity_of, run_pruning
 from .pruning import get_method
-from .search.projection import CostTable, min_reachable, project, size_prior
 from .study import Study, load_study
 
 
@@ -103,12 +103,12 @@ def search(study: str | Study = "digits-lenet", budget: str | None = None, *,
     `study` is a name, a .yaml path or a `Study`; a `Study.custom` travels to the Ray workers
     with its model (code included when its module may not be importable there) and data.
 
-    `options` are the fields of `autoprune.search.orchestrator.SearchOptions` (trials, workers,
-    sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that
+    `options` are the fields of `autoprune.orchestration.orchestrator.SearchOptions` (trials,
+    workers, sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that
     `--json` prints: counts, the Pareto front and the best point inside the budget.
     """
-    from .search.orchestrator import SearchOptions
-    from .search.orchestrator import search as run_search
+    from .orchestration.orchestrator import SearchOptions
+    from .orchestration.orchestrator import search as run_search
 
     unknown = set(options) - set(SearchOptions.__dataclass_fields__)
     if unknown:

@@ -67,8 +67,11 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from .study import list_studies
+    from .study import list_studies, study_text
 
+    if args.show:
+        print(study_text(args.show), end="")
+        return 0
     studies = list_studies()
     if args.json:
         print(json.dumps([{"name": s.name, "model": s.model, "dataset": s.dataset,
@@ -148,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studies", help="list the built-in studies")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show", metavar="NAME",
+                   help="print one study's YAML (to read it, or copy it and edit the copy)")
     p.set_defaults(func=_cmd_studies)
 
     p = sub.add_parser("methods", help="list the pruning methods and their hyperparameters")
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     try:
-        from .search import cli as search_cli
+        from .orchestration import cli as search_cli
     except ImportError:
         search_cli = None
     if search_cli is not None:

@@ -530,7 +530,7 @@ def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
     out_dir = Path(out).expanduser().resolve()
     study_dir = out_dir / st.name
     ot_study = _open_search(study_dir, st.name, optuna_storage)
-    from .search.orchestrator import PARENT_ATTR, trial_points  # after the cheap checks
+    from .orchestration.orchestrator import PARENT_ATTR, trial_points  # after the cheap checks
     point = select_point(trial_points(ot_study), budget, pick)
     log(f"exporting trial {point['trial']} ({point['method']}): val {point['val_accuracy']:.4f}, "
         f"flops {point['flops_frac']:.4f}, params {point['params_frac']:.4f}")

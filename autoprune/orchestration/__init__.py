@@ -1,1 +1,4 @@
-"""Search: spaces, projection, Optuna searcher, Ray orchestration."""
+"""The search's orchestration: spaces, projection, the Optuna searcher, Ray Tune and resume.
+
+Named apart from `autoprune.search` (the API function) so the two never shadow each other.
+"""

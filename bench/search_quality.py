@@ -81,8 +81,9 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
     """One search; returns its hypervolume, best in-budget pick and timing."""
     import optuna
 
-    from autoprune.orchestration.orchestrator import SearchOptions, search, trial_points
+    from autoprune.orchestration.orchestrator import SearchOptions, search
     from autoprune.pareto import hypervolume
+    from autoprune.store import trial_points
 
     opts = SearchOptions(study=str(study_path), budget=budget, trials=trials, workers=workers,
                          cpus_per_trial=1.0, sampler=sampler, seed=seed, out=str(out),

@@ -31,6 +31,7 @@ from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
 from .cluster import host_port, init_ray, tune_storage
+from .faults import Faults
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
 from .resume import (
@@ -43,7 +44,7 @@ from .resume import (
 )
 from .space import SearchSpace
 from .summary import summarize
-from .trial import TrialContext, test_faults
+from .trial import TrialContext
 
 __all__ = ["SearchOptions", "StudyLock", "search"]
 
@@ -171,7 +172,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
                                data_root=str(data_root(opts.data_root)), seed=opts.seed,
                                cpus=opts.cpus_per_trial, checkpoint=absolute(
                                    opts.dense_checkpoint),
-                               faults=test_faults())
+                               faults=Faults.from_env())
             layers = wb.layers
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=[k for k, _ in OBJECTIVES],

@@ -16,12 +16,12 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ..record import TrialRecord
+
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
-KEPT_ATTRS = ("method", "test_accuracy", "compact_flops_frac", "checkpoint", "hparams",
-              "granularity", "budget_violation", "node_id", "node_ip", "restored_from_checkpoint",
-              "targets", "finetune_overrides")
-FAILED_ATTRS = ("error", "node_id", "node_ip")
+KEPT_ATTRS = TrialRecord.OPTUNA_ATTRS
+FAILED_ATTRS = TrialRecord.FAILED_ATTRS
 
 
 class PruningSearch(OptunaSearch):

@@ -47,8 +47,8 @@ class _Stderr(logging.Handler):
 
 
 def progress_log(quiet: bool) -> Callable[[str], None]:
-    """The one logger of autoprune ("autoprune"), shown on stderr unless `quiet` (--json keeps
-    stdout and stderr free for the result); returns its `info`, for the API's `log=`."""
+    """Show the one logger of autoprune ("autoprune", INFO: progress lines) on stderr, unless
+    `quiet` (--json: only the result is printed); returns its `info`."""
     logger = logging.getLogger("autoprune")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
@@ -133,11 +133,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     params = get_method(args.method).parse_set(args.set or [])  # refuse bad input first
     from .. import api
 
+    progress_log(args.json)
     m = api.prune(args.study, args.method, args.budget, params=params,
                   finetune=_recipe_overrides(args.finetune or []),
                   layer_sparsity=args.layer_sparsity, out=args.out, data_root=args.data_root,
-                  seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download,
-                  log=progress_log(args.json))
+                  seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download)
     m.pop("history", None)
     if args.json:
         print(json.dumps(m, indent=2, default=float))

@@ -36,10 +36,10 @@ def add_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    log = progress_log(args.json)
+    progress_log(args.json)
     card = export_best(args.out, args.study, args.to, budget=args.budget, pick=args.pick,
                        tracking_uri=args.tracking_uri, data_root=args.data_root,
-                       seed=args.seed, log=log)
+                       seed=args.seed)
     if args.json:
         print(json.dumps(card, indent=2, default=float))
         return 0

@@ -32,8 +32,7 @@ _non_negative_float = _number(float, 0)
 def cmd_search(args: argparse.Namespace) -> int:
     """Exit codes: 0 done (or the time limit reached with trials completed), 1 every trial
     failed or none completed within the time limit, 2 bad input, 130 interrupted (resumable)."""
-    from ..orchestration.options import SearchOptions, parse_duration, resume_hint
-    from ..orchestration.orchestrator import search
+    from ..orchestration import SearchOptions, parse_duration, resume_hint, search
 
     opts = SearchOptions(
         study=args.study, space=args.space, budget=args.budget, trials=args.trials,
@@ -47,7 +46,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            summary = search(opts, log=progress_log(args.json))
+            progress_log(args.json)
+            summary = search(opts)
     except KeyboardInterrupt:  # interrupted outside Tune's graceful stop (e.g. dense training)
         print(f"autoprune: search interrupted; the finished trials are kept. Resume with:\n"
               f"  {resume_hint(opts)}", file=sys.stderr)

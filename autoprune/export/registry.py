@@ -4,8 +4,8 @@ in the MLflow Model Registry as `<study>@best`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from .card import CARD, export_model
 PICKS = ("max-accuracy", "min-flops")
 REGISTRY_ALIAS = "best"
 ARTIFACT_DIR = "export"
+log = logging.getLogger("autoprune")
 
 
 def _pick(points: list[dict], pick: str) -> dict:
@@ -84,8 +85,7 @@ def register_export(tracking_uri: str, study: str, export_dir: Path, point: dict
 def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
                 budget: str | None = None, pick: str = "max-accuracy",
                 tracking_uri: str | None = None, data_root: str | None = None, seed: int = 0,
-                *, optuna_storage: str | None = None,
-                log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                *, optuna_storage: str | None = None) -> dict[str, Any]:
     """Export the best recorded trial of the search in `<out>/<study>` and register it.
 
     Returns the model card plus `registered_model`, `version`, `model_uri`, `run_id`.
@@ -99,13 +99,14 @@ def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
     ot_study = store.open_search(study_dir, st.name, optuna_storage)
     records = {r.trial: r for r in store.trial_records(ot_study)}
     point = select_point([r.as_point() for r in records.values()], budget, pick)
-    log(f"exporting trial {point['trial']} ({point['method']}): val {point['val_accuracy']:.4f}, "
-        f"flops {point['flops_frac']:.4f}, params {point['params_frac']:.4f}")
+    log.info(f"exporting trial {point['trial']} ({point['method']}): "
+             f"val {point['val_accuracy']:.4f}, flops {point['flops_frac']:.4f}, "
+             f"params {point['params_frac']:.4f}")
     ckpt = point.get("checkpoint") or str(study_dir / "checkpoints" / f"trial-{point['trial']}.pt")
     if not Path(ckpt).exists():
         raise UserError(f"checkpoint of trial {point['trial']} not found: {ckpt}")
 
-    wb = Workbench.open(st, out_dir, data_root=data_root, seed=seed, log=log)
+    wb = Workbench.open(st, out_dir, data_root=data_root, seed=seed, log=log.info)
     model = wb.fresh_model()
     model.load_state_dict(load_state(ckpt, model))
     parent_id = store.parent_run_id(ot_study)

@@ -15,8 +15,8 @@ leaves an existing output folder as it was.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from .summary import summarize
 from .trial import TrialContext
 
 __all__ = ["SearchOptions", "StudyLock", "search"]
+log = logging.getLogger("autoprune")
 
 
 def _space_path(opts: SearchOptions, study: Study) -> Path:
@@ -81,8 +82,9 @@ def _check_budget_reachable(wb: Workbench, budget: Budget, space: SearchSpace) -
                             f"max_sparsity {max_sparsity:g})")
 
 
-def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run (or resume) a search; return the summary that `--json` prints."""
+def search(opts: SearchOptions) -> dict:
+    """Run (or resume) a search; return the summary that `--json` prints. Progress goes to the
+    "autoprune" logger (INFO)."""
     from ray import tune
 
     from ..tracking import Tracker
@@ -124,14 +126,14 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             init_ray(opts)
         # model, data, dense checkpoint and budget are checked before any store is created
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
-                            checkpoint=opts.dense_checkpoint, log=log)
+                            checkpoint=opts.dense_checkpoint, log=log.info)
         _check_budget_reachable(wb, budget, space)
         storage = open_storage(storage_url)
         ot_study = prepare_optuna(storage, study.name, sampler)
         dense = {"val_accuracy": wb.dense["val_accuracy"],
                  "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
                  "params": wb.dense["params"]}
-        log(f"dense baseline of {study.name}: val {dense['val_accuracy']:.4f}, "
+        log.info(f"dense baseline of {study.name}: val {dense['val_accuracy']:.4f}, "
             f"test {dense['test_accuracy']:.4f}, {dense['flops'] / 1e6:.3f} M MACs, "
             f"{dense['params']:,} params")
 
@@ -152,18 +154,19 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             parent_id = tracker.start_search(config_record, str(budget), dense,
                                              parent_run_id=parent)
         except ValueError:  # the stored parent is not in this tracking store
-            log(f"MLflow run {parent} of this study is not in {tracking_uri}; starting a new one")
+            log.info(f"MLflow run {parent} of this study is not in {tracking_uri}; starting a "
+                     f"new one")
             parent_id = tracker.start_search(config_record, str(budget), dense)
         ot_study.set_user_attr(store.PARENT_ATTR, parent_id)
         fixed = reconcile(ot_study, storage, tracker, parent_id)
         if fixed:
-            log(f"recorded {fixed} trial(s) that an earlier driver left unfinished")
+            log.info(f"recorded {fixed} trial(s) that an earlier driver left unfinished")
         if done:
-            log(f"resuming: {done} trials already finished, {remaining} to go")
+            log.info(f"resuming: {done} trials already finished, {remaining} to go")
 
         status = "FINISHED"
         interrupted = False
-        progress = ProgressCallback(total=trials, done_before=done, budget=budget, log=log)
+        progress = ProgressCallback(total=trials, done_before=done, budget=budget)
         if remaining > 0:
             if study.objects is not None:  # a custom study's model code goes to the workers
                 study.objects.ship_by_value()
@@ -187,7 +190,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> 
             resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)
-            stop = Interrupt(log)
+            stop = Interrupt()
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,

@@ -45,6 +45,11 @@ class TrialRecord:
         "budget_violation", "node_id", "node_ip", "restored_from_checkpoint", "targets",
         "finetune_overrides")
     FAILED_ATTRS: ClassVar[tuple[str, ...]] = ("error", "node_id", "node_ip")
+    # Numbers of a trial's final Tune result logged as its MLflow run's metrics.
+    RESULT_METRICS: ClassVar[tuple[str, ...]] = (
+        "val_accuracy", "test_accuracy", "flops_frac", "params_frac", "compact_flops_frac",
+        "compact_params_frac", "flops", "params", "weight_compression", "budget_violation",
+        "target", "dense_val_accuracy", "dense_test_accuracy", "restored_from_checkpoint")
 
     @classmethod
     def from_optuna(cls, t: Any) -> TrialRecord:

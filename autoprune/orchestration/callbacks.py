@@ -18,13 +18,11 @@ from pathlib import Path
 from ray.tune import Callback, Stopper
 
 from ..budget import Budget
+from ..record import TrialRecord
 from .searcher import TRIAL_NUMBER_KEY
 
 _INTERNAL = {TRIAL_NUMBER_KEY}
-FINAL_METRICS = ("val_accuracy", "test_accuracy", "flops_frac", "params_frac",
-                 "compact_flops_frac", "compact_params_frac", "flops", "params",
-                 "weight_compression", "budget_violation", "target", "dense_val_accuracy",
-                 "dense_test_accuracy", "restored_from_checkpoint")
+FINAL_METRICS = TrialRecord.RESULT_METRICS
 NODE_KEYS = ("node_id", "node_ip")  # where the trial ran, as params of its MLflow run
 KILLED_ERROR = "the search was interrupted before this trial finished"
 log = logging.getLogger("autoprune")

@@ -114,7 +114,7 @@ def run_fixed_search(study_path: Path, study_name: str, space: Path, trials: int
     import optuna
     from optuna.trial import TrialState
 
-    from autoprune.orchestration.orchestrator import SearchOptions, search
+    from autoprune.orchestration import SearchOptions, search
 
     opts = SearchOptions(study=str(study_path), space=str(space), budget=BUDGET, trials=trials,
                          workers=workers, cpus_per_trial=1.0, sampler="random", seed=seed,

@@ -155,7 +155,9 @@ def add_commands(sub, common) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-def print_front(summary: dict, stream=sys.stdout) -> None:
+def print_front(summary: dict, stream=None) -> None:
+    """The front as a table (stdout unless `stream`; looked up per call, tests swap it)."""
+    stream = stream or sys.stdout
     d = summary["dense"]
     print(f"\nPareto front of {summary['study']} (budget {summary['budget']}; "
           f"{summary['trials_completed']} completed, {summary['trials_failed']} failed, "

@@ -11,13 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# `autoprune.search` names both the API function below and the subpackage autoprune/search/.
-# The first import of a subpackage sets the parent's attribute to it, which would replace the
-# function as soon as anything imports `autoprune.search.orchestrator`. So the subpackage (an
-# empty __init__) is imported here, before `def search`: later imports find it in sys.modules
-# and leave the function in place.
-from . import search as _search_package  # noqa: F401
-
 __version__ = "0.1.0"
 
 # name -> (submodule, attribute) resolved on first access

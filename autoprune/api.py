@@ -9,17 +9,19 @@ or not, or a model factory; a `TensorData` from `autoprune.data.from_tensors`, o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
 from pathlib import Path
 from typing import Any
 
 from .budget import Budget
 from .engine import Recipe
 from .errors import UserError
+from .orchestration.projection import CostTable, min_reachable, project, size_prior
 from .pipeline import Workbench, granularity_of, run_pruning
 from .pruning import get_method
-from .search.projection import CostTable, min_reachable, project, size_prior
 from .study import Study, load_study
+
+log = logging.getLogger("autoprune")
 
 
 def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
@@ -61,7 +63,7 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
           params: dict[str, Any] | None = None, layer_sparsity: str | None = None,
           out: str | Path = "autoprune-runs", data_root: str | None = None, seed: int = 0,
           checkpoint: str | None = None, finetune: dict[str, Any] | None = None,
-          download: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+          download: bool = False) -> dict:
     """Run one pruning method with fixed settings; return its metrics (see pipeline.run_pruning).
 
     `study` is a name, a .yaml path or a `Study` (`Study.custom` for the user's own model and
@@ -77,16 +79,17 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
     check = (lambda layers: parse_layer_sparsity(layer_sparsity, layers)) if layer_sparsity \
         else None
     wb = Workbench.open(st, out, data_root=data_root, seed=seed, checkpoint=checkpoint,
-                        download=download, log=log, check_layers=check)
-    log(f"dense baseline: val {wb.dense['val_accuracy']:.4f} test {wb.dense['test_accuracy']:.4f}")
+                        download=download, log=log.info, check_layers=check)
+    log.info(f"dense baseline: val {wb.dense['val_accuracy']:.4f} "
+             f"test {wb.dense['test_accuracy']:.4f}")
     gran = granularity_of(wb, method, params or {})
     if layer_sparsity:
         targets = parse_layer_sparsity(layer_sparsity, wb.layers)
     else:
         targets = targets_for_budget(wb, gran, b)
-    log(f"{method} ({gran}) targets: " + ", ".join(f"{k}={v:.3f}" for k, v in targets.items()))
+    log.info(f"{method} ({gran}) targets: " + ", ".join(f"{k}={v:.3f}" for k, v in targets.items()))
     _, metrics = run_pruning(wb, method, params or {}, targets, finetune=finetune, seed=seed,
-                             on_epoch=lambda r: log(f"  {r['phase']} epoch {r['epoch'] + 1}: "
+                             on_epoch=lambda r: log.info(f"  {r['phase']} epoch {r['epoch'] + 1}: "
                                                     f"loss {r['loss']:.4f} "
                                                     f"val {r['val_accuracy']:.4f}"))
     fracs = {"flops": metrics["flops_frac"], "params": metrics["params_frac"]}
@@ -96,21 +99,22 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
     return metrics
 
 
-def search(study: str | Study = "digits-lenet", budget: str | None = None, *,
-           log: Callable[[str], None] = lambda s: None, **options: Any) -> dict:
+def search(study: str | Study = "digits-lenet", budget: str | None = None,
+           **options: Any) -> dict:
     """Run (or with `resume=True` continue) a search; the CLI's `autoprune search` calls this.
 
     `study` is a name, a .yaml path or a `Study`; a `Study.custom` travels to the Ray workers
     with its model (code included when its module may not be importable there) and data.
 
-    `options` are the fields of `autoprune.search.orchestrator.SearchOptions` (trials, workers,
-    sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that
-    `--json` prints: counts, the Pareto front and the best point inside the budget.
+    `options` are the fields of `autoprune.orchestration.SearchOptions` (trials,
+    workers, sampler, scheduler, out, ray_address, tracking_uri, ...). Returns the summary dict that
+    `--json` prints: counts, the Pareto front and the best point inside the budget. Progress
+    goes to the "autoprune" logger (INFO; the CLI shows it on stderr).
     """
-    from .search.orchestrator import SearchOptions
-    from .search.orchestrator import search as run_search
+    from .orchestration import SearchOptions
+    from .orchestration import search as run_search
 
     unknown = set(options) - set(SearchOptions.__dataclass_fields__)
     if unknown:
         raise UserError(f"unknown search option(s): {', '.join(sorted(unknown))}")
-    return run_search(SearchOptions(study=study, budget=budget, **options), log=log)
+    return run_search(SearchOptions(study=study, budget=budget, **options))

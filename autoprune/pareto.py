@@ -145,3 +145,12 @@ def hypervolume(points: Sequence[Mapping[str, Any]],
         return 0.0
     # Dominated points never change the volume: dropping them first keeps the recursion small.
     return float(_hv_min([tuple(m[i]) for i in _nondominated(m)], tuple(r)))
+
+
+def feasible_front(points: Sequence[Mapping[str, Any]],
+                   objectives: Objectives = OBJECTIVES) -> list[Mapping[str, Any]]:
+    """The non-dominated points among the feasible ones (`feasible` missing counts as True),
+    sorted by FLOPs fraction then accuracy: the search's front, computed once per search."""
+    feasible = [p for p in points if p.get("feasible", True)]
+    return sorted((feasible[i] for i in front(feasible, objectives)),
+                  key=lambda p: (float(p[FLOPS_FRAC]), -float(p[VAL_ACC])))

@@ -1,16 +1,23 @@
-"""Where the built-in studies and search spaces are: the repository's top-level folders.
+"""Where the built-in studies and search spaces are: package data of `autoprune`.
 
-autoprune is installed editable (`pip install -e .`, README's commands), so the declarative
-files stay plain YAML at the top of the repository, where users read and copy them.
+They ship inside the package (`autoprune/studies/*.yaml`, `autoprune/search_spaces/*.yaml`), so a
+wheel install has them as an editable one does; in a checkout they are plain YAML files in
+those folders, where users read and copy them (`autoprune studies --show NAME` prints one).
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-STUDIES_DIR = REPO_ROOT / "studies"
-SPACES_DIR = REPO_ROOT / "search_spaces"
+
+def _package_dir(name: str) -> Path:
+    """A folder of package data as a real path (wheels install unzipped, so it is one)."""
+    return Path(str(resources.files("autoprune").joinpath(name)))
+
+
+STUDIES_DIR = _package_dir("studies")
+SPACES_DIR = _package_dir("search_spaces")
 
 
 def resolve_yaml(name_or_path: str, folder: Path) -> Path | None:

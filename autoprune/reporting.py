@@ -9,28 +9,34 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import store
 from .errors import UserError
 
 
 def _tracker(out: str | Path, study: str, tracking_uri: str | None):
-    from .tracking import Tracker, default_tracking_uri
+    from .tracking import Tracker
 
     out = Path(out).expanduser().resolve()
-    uri = tracking_uri or default_tracking_uri(out)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    return Tracker(_store_uri(out, tracking_uri), study, out / "mlartifacts", create=False)
+
+
+def _store_uri(out: Path, tracking_uri: str | None) -> str:
+    """The tracking store of a search's output folder; a local one must exist already."""
+    uri = tracking_uri or store.default_tracking_uri(out)
+    if (db := store.sqlite_file(uri)) is not None and not db.exists():
         raise UserError(f"no tracking store at {uri}: run `autoprune search --out {out}` first")
-    return Tracker(uri, study, out / "mlartifacts", create=False)
+    return uri
 
 
 def report(out: str | Path, study: str, tracking_uri: str | None = None) -> dict:
     """The Pareto front of the latest search of `study`, as recorded in MLflow."""
     tracker = _tracker(out, study, tracking_uri)
-    parent = tracker.latest_search(study)
+    parent = store.latest_search(tracker.client, study)
     if parent is None:
         raise UserError(f"no search of study '{study}' is recorded in {tracker.tracking_uri}")
     return {"study": study, "parent_run_id": parent.info.run_id,
             "status": parent.info.status, "metrics": dict(parent.data.metrics),
-            "pareto": tracker.front_of(parent.info.run_id)}
+            "pareto": store.front_of(tracker.client, parent.info.run_id)}
 
 
 def ui_url(host: str, port: int, experiment_id: str | None = None) -> str:
@@ -73,12 +79,8 @@ def wait_healthy(host: str, port: int, proc: subprocess.Popen, timeout: float = 
 def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
              tracking_uri: str | None = None, study: str | None = None) -> int:
     """Serve the MLflow UI on the search's tracking store until interrupted."""
-    from .tracking import default_tracking_uri
-
     out = Path(out).expanduser().resolve()
-    uri = tracking_uri or default_tracking_uri(out)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"no tracking store at {uri}: run `autoprune search --out {out}` first")
+    uri = _store_uri(out, tracking_uri)
     if uri.startswith("http"):
         raise UserError(f"{uri} is already a tracking server: open it in a browser")
     experiment_id = None

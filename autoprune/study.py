@@ -338,12 +338,22 @@ def list_studies() -> list[Study]:
     return [load_study(str(p)) for p in sorted(STUDIES_DIR.glob("*.yaml"))]
 
 
-def load_study(name_or_path: str) -> Study:
-    """Load a built-in study by name or a study file by path; errors name the file and key."""
+def _study_path(name_or_path: str) -> Path:
     path = resolve_yaml(name_or_path, STUDIES_DIR)
     if path is None:
         names = ", ".join(p.stem for p in sorted(STUDIES_DIR.glob("*.yaml")))
         raise UserError(f"unknown study '{name_or_path}' (not a file; built-in: {names})")
+    return path
+
+
+def study_text(name_or_path: str) -> str:
+    """A study file's text as written (comments kept): what `autoprune studies --show` prints."""
+    return _study_path(name_or_path).read_text(encoding="utf-8")
+
+
+def load_study(name_or_path: str) -> Study:
+    """Load a built-in study by name or a study file by path; errors name the file and key."""
+    path = _study_path(name_or_path)
     d = yamlio.load(path, "study")
     return study_from_dict(d, str(path))
 

@@ -17,25 +17,23 @@ Layout (all names from names.py):
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
-import math
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from . import pareto
+from . import pareto, store
+from .front_artifacts import columns_of, csv_text, pareto_figure, row
+from .front_artifacts import number as _number
 from .names import (
     ART_CONFIG,
     ART_ERROR,
@@ -46,11 +44,8 @@ from .names import (
     ART_TRIALS_CSV,
     DENSE_PREFIX,
     FLOPS,
-    FLOPS_FRAC,
     HYPERVOLUME,
-    OBJECTIVES,
     PARAMS,
-    PARAMS_FRAC,
     PARETO_SIZE,
     ROLE_SEARCH,
     ROLE_TRIAL,
@@ -69,6 +64,7 @@ from .names import (
     TRIALS_FAILED,
     VAL_ACC,
 )
+from .store import default_tracking_uri  # noqa: F401 - re-exported: where a search logs
 
 TRIAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 VERSIONED_PACKAGES = ("autoprune", "torch", "torch-pruning", "ray", "optuna", "mlflow")
@@ -76,21 +72,6 @@ ERROR_TAG_CHARS = 1000  # the tag shows the tail of a traceback; error.txt has a
 # MLflow's limits (mlflow.utils.validation): 100 params/tags and 1000 entities per log_batch.
 _BATCH_PARAMS, _BATCH_ENTITIES = 100, 1000
 _PARAM_CHARS, _TAG_CHARS = 6000, 8000
-# Columns of the front/trial tables, in this order.
-POINT_COLUMNS = ("trial", "method", VAL_ACC, TEST_ACC, FLOPS_FRAC, PARAMS_FRAC, "feasible",
-                 "run_id")
-
-
-def default_tracking_uri(out_dir: str | Path) -> str:
-    """`sqlite:///<abs out_dir>/mlflow.db`: absolute, so the store never depends on the cwd."""
-    return f"sqlite:///{(Path(out_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
-
-
-def default_artifact_root(tracking_uri: str) -> Path | None:
-    """`<dir of the SQLite file>/mlartifacts` for a local store; None (server decides) else."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-    return None
 
 
 def runs_url(server: str, experiment_id: str) -> str:
@@ -118,17 +99,6 @@ def _key(k: Any) -> str:
 def _param_str(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, (list, tuple, dict, bool)) or v is None else str(v)
     return s[:_PARAM_CHARS]
-
-
-def _number(v: Any) -> float | None:
-    """A metric value, or None for what MLflow cannot plot (strings, None, arrays)."""
-    if isinstance(v, (bool, int, float, np.generic)):
-        return float(v)
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return float(v.item())
-    if callable(getattr(v, "numel", None)) and v.numel() == 1:
-        return float(v.item())  # a one-element torch tensor (torch is not imported here)
-    return None
 
 
 def _now_ms() -> int:
@@ -184,7 +154,8 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.study = study or experiment
-        root = artifact_root if artifact_root is not None else default_artifact_root(tracking_uri)
+        root = artifact_root if artifact_root is not None else store.default_artifact_root(
+            tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment = experiment
         self.experiment_id: str | None = None
@@ -206,8 +177,8 @@ class Tracker:
             self.experiment_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
-        if sqlite_wal and tracking_uri.startswith("sqlite:///"):
-            _use_wal(Path(tracking_uri.removeprefix("sqlite:///")))
+        if sqlite_wal and (db := store.sqlite_file(tracking_uri)) is not None:
+            _use_wal(db)
 
     # ---- writing -----------------------------------------------------------------------------
 
@@ -262,12 +233,9 @@ class Tracker:
     def _child_map(self, parent_id: str) -> dict[int, str]:
         """Trial number -> child run id, read once per parent (resume safety)."""
         if parent_id not in self._children:
-            found: dict[int, str] = {}
-            for run in self._search(f"tags.`{TAG_PARENT}` = {_quote(parent_id)}"):
-                trial = run.data.tags.get(TAG_TRIAL)
-                if trial is not None and trial.lstrip("-").isdigit():
-                    found.setdefault(int(trial), run.info.run_id)
-            self._children[parent_id] = found
+            self._children[parent_id] = {
+                n: r.info.run_id
+                for n, r in store.child_runs(self.client, self._exp(), parent_id).items()}
         return self._children[parent_id]
 
     def start_trial(self, parent_id: str, trial_number: int, method: str,
@@ -380,10 +348,8 @@ class Tracker:
         points only; the hypervolume is that front's, against pareto.DEFAULT_REF.
         Returns {"front": [points, by flops_frac], "hypervolume": float}.
         """
-        feasible = [p for p in points if p.get("feasible", True)]
-        on_front = {id(feasible[i]) for i in pareto.front(feasible, OBJECTIVES)}
-        front_pts = sorted((p for p in points if id(p) in on_front),
-                           key=lambda p: (float(p[FLOPS_FRAC]), -float(p[VAL_ACC])))
+        front_pts = pareto.feasible_front(points)
+        on_front = {id(p) for p in front_pts}
         hv = pareto.hypervolume(front_pts)
         children = self._child_map(parent_id)
         tagged: set[str] = set()
@@ -393,7 +359,8 @@ class Tracker:
                 tagged.add(rid)
                 self._log(rid, tags=[RunTag(TAG_PARETO, _flag(id(p) in on_front)),
                                      RunTag(TAG_FEASIBLE, _flag(bool(p.get("feasible", True))))])
-        runs = list(self._search(f"tags.`{TAG_PARENT}` = {_quote(parent_id)}"))
+        runs = list(store.search_runs(self.client, [self._exp()],
+                                      f"tags.`{TAG_PARENT}` = {_quote(parent_id)}"))
         for r in runs:  # e.g. on the front of an earlier finish, now no longer a point
             if r.info.run_id not in tagged and r.data.tags.get(TAG_PARETO) == "true":
                 self._log(r.info.run_id, tags=[RunTag(TAG_PARETO, "false")])
@@ -402,123 +369,13 @@ class Tracker:
                   TRIALS_COMPLETED: statuses.count("FINISHED"),
                   TRIALS_FAILED: statuses.count("FAILED")}
         self._log(parent_id, [Metric(k, float(v), _now_ms(), 0) for k, v in counts.items()])
-        columns = _columns(points)
-        rows = [_row(p, columns) for p in front_pts]
-        self.client.log_text(parent_id, _csv(rows, columns), ART_FRONT_CSV)
+        columns = columns_of(points)
+        rows = [row(p, columns) for p in front_pts]
+        self.client.log_text(parent_id, csv_text(rows, columns), ART_FRONT_CSV)
         self.client.log_text(parent_id, json.dumps(rows, indent=2, default=str), ART_FRONT_JSON)
-        all_rows = [{**_row(p, columns), "pareto": id(p) in on_front} for p in points]
-        self.client.log_text(parent_id, _csv(all_rows, (*columns, "pareto")), ART_TRIALS_CSV)
+        all_rows = [{**row(p, columns), "pareto": id(p) in on_front} for p in points]
+        self.client.log_text(parent_id, csv_text(all_rows, (*columns, "pareto")), ART_TRIALS_CSV)
         self.client.log_figure(parent_id, pareto_figure(points, front_pts, budget_limits, dense),
                                ART_PLOT)
         self.client.set_terminated(parent_id, status=status, end_time=_now_ms())
         return {"front": front_pts, HYPERVOLUME: hv}
-
-    # ---- reading -----------------------------------------------------------------------------
-
-    def _search(self, filter_string: str, order_by: list[str] | None = None,
-                experiment_ids: list[str] | None = None) -> Iterable[Any]:
-        """All matching runs, following MLflow's pages."""
-        token = None
-        while True:
-            page = self.client.search_runs(experiment_ids or [self._exp()], filter_string,
-                                           ViewType.ACTIVE_ONLY, 1000, order_by, token)
-            yield from page
-            token = page.token
-            if not token:
-                return
-
-    def find_searches(self, study: str | None = None) -> list[Run]:
-        """Searches (parent runs, MLflow `Run`s) of `study` (default: this tracker's), newest
-        first, in any experiment of the store (the tag, not the experiment name, decides)."""
-        filt = (f"tags.`{TAG_ROLE}` = {_quote(ROLE_SEARCH)} and "
-                f"tags.`{TAG_STUDY}` = {_quote(study or self.study)}")
-        exp_ids = [e.experiment_id for e in self.client.search_experiments()]
-        return list(self._search(filt, ["attributes.start_time DESC"], exp_ids))
-
-    def latest_search(self, study: str | None = None) -> Run | None:
-        """The most recently started search of `study` (`.info.run_id`, `.data.metrics`), or
-        None."""
-        found = self.find_searches(study)
-        return found[0] if found else None
-
-    def front_of(self, parent_id: str) -> list[dict[str, Any]]:
-        """Trials of a search tagged on the front: run_id, trial, method, status, their metrics
-        (flat, as logged) and `params` (the method's sampled hyperparameters, as strings);
-        sorted by flops_frac."""
-        parent = self.client.get_run(parent_id)
-        filt = (f"tags.`{TAG_PARENT}` = {_quote(parent_id)} and "
-                f"tags.`{TAG_PARETO}` = 'true'")
-        out = []
-        for r in self._search(filt, experiment_ids=[parent.info.experiment_id]):
-            out.append({"run_id": r.info.run_id, "trial": int(r.data.tags[TAG_TRIAL]),
-                        "method": r.data.tags.get(TAG_METHOD), "status": r.info.status,
-                        "artifact_uri": r.info.artifact_uri,
-                        **{k: v for k, v in r.data.metrics.items() if "/" not in k},
-                        "params": dict(r.data.params)})
-        return sorted(out, key=lambda p: (p.get(FLOPS_FRAC, math.inf), -p.get(VAL_ACC, 0.0)))
-
-
-def _columns(points: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
-    """POINT_COLUMNS, then any other keys the points carry (sorted, for stable tables)."""
-    extra = sorted({k for p in points for k in p} - set(POINT_COLUMNS))
-    return (*POINT_COLUMNS, *extra)
-
-
-def _row(p: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-    """A table row: nested values (hyperparameter dicts) as JSON text."""
-    return {c: json.dumps(v, default=str) if isinstance(v := p.get(c), (dict, list, tuple))
-            else v for c in columns}
-
-
-def _csv(rows: list[dict[str, Any]], columns: Sequence[str] = POINT_COLUMNS) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def pareto_figure(points: Sequence[Mapping[str, Any]], front_pts: Sequence[Mapping[str, Any]],
-                  budget_limits: Mapping[str, float], dense: Mapping[str, Any]) -> Any:
-    """Validation accuracy against FLOPs and params fractions: every trial grey, the front in
-    red, joined per panel by the staircase of that projection's front, the dense model as a star
-    (at cost 1.0), budget limits as dashed lines.
-
-    Built on `matplotlib.figure.Figure` (Agg canvas), not pyplot: no global backend or figure
-    state, so it is safe in a driver that also runs other code.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, sharey=True)
-    dense_acc = _number(dense.get(VAL_ACC))
-    for ax, key, budget_key, label in ((axes[0], FLOPS_FRAC, "flops", "FLOPs fraction"),
-                                       (axes[1], PARAMS_FRAC, "params", "params fraction")):
-        def xy(pts: Iterable[Mapping[str, Any]], k: str = key) -> tuple[list, list]:
-            ok = [p for p in pts if _number(p.get(k)) is not None
-                  and _number(p.get(VAL_ACC)) is not None]
-            return [float(p[k]) for p in ok], [float(p[VAL_ACC]) for p in ok]
-
-        ax.scatter(*xy(points), s=18, color="0.7", label="trials", zorder=1)
-        ax.scatter(*xy(front_pts), s=36, color="tab:red", label="Pareto front", zorder=3)
-        # the line joins the front of this projection only (3-D front points need not be
-        # monotone in one cost), as a staircase: the best accuracy reachable at each cost
-        feasible = [p for p in points if p.get("feasible", True)]
-        stair = [feasible[i] for i in pareto.front(feasible, ((VAL_ACC, "max"), (key, "min")))]
-        sx, sy = xy(sorted(stair, key=lambda p: float(p[key])))
-        ax.plot(sx, sy, drawstyle="steps-post", color="tab:red", lw=1.2, zorder=2)
-        if dense_acc is not None:
-            ax.scatter([1.0], [dense_acc], marker="*", s=160, color="black", label="dense",
-                       zorder=4)
-        if budget_key in budget_limits:
-            ax.axvline(float(budget_limits[budget_key]), ls="--", color="tab:blue",
-                       label=f"budget {budget_key}={float(budget_limits[budget_key]):g}")
-        ax.set_xlabel(label)
-        ax.set_xlim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    axes[0].set_ylabel("validation accuracy")
-    fig.suptitle("accuracy vs cost (front: feasible, non-dominated in accuracy/FLOPs/params)")
-    return fig

@@ -8,9 +8,9 @@ A fixed search space (one method, every value fixed: one-shot magnitude pruning 
 identical work. The study is lenet300-mnist on its first 10,000 training images (a study file
 copy; an epoch takes about 0.4 s on one thread), or digits-lenet with --quick.
 
-The trials run (1) through `autoprune.search.orchestrator.search` (Ray Tune, Optuna in SQLite,
-MLflow in SQLite, a checkpoint per trial; 1 worker x 1 CPU), and (2) as a plain Python loop in
-this process calling what a trial calls (`SearchSpace.decode`, `project`,
+The trials run (1) through `autoprune.orchestration.orchestrator.search` (Ray Tune, Optuna in
+SQLite, MLflow in SQLite, a checkpoint per trial; 1 worker x 1 CPU), and (2) as a plain Python
+loop in this process calling what a trial calls (`SearchSpace.decode`, `project`,
 `pipeline.run_pruning`, 1 torch thread, the same per-trial seeds), once before and once after
 the search, so that a drift in the machine's load shows. The trials' validation accuracies are
 compared: identical values prove identical work.
@@ -114,7 +114,7 @@ def run_fixed_search(study_path: Path, study_name: str, space: Path, trials: int
     import optuna
     from optuna.trial import TrialState
 
-    from autoprune.search.orchestrator import SearchOptions, search
+    from autoprune.orchestration import SearchOptions, search
 
     opts = SearchOptions(study=str(study_path), space=str(space), budget=BUDGET, trials=trials,
                          workers=workers, cpus_per_trial=1.0, sampler="random", seed=seed,
@@ -137,9 +137,9 @@ def plain_trials(wb, space_path: Path, n: int, seed: int) -> tuple[list[float], 
     """What `run_trial` computes, without Ray/Optuna/MLflow: (seconds, val accuracy) per trial."""
     from autoprune.budget import Budget
     from autoprune.device import set_threads
+    from autoprune.orchestration.projection import CostTable, project
+    from autoprune.orchestration.space import SearchSpace
     from autoprune.pipeline import granularity_of, run_pruning
-    from autoprune.search.projection import CostTable, project
-    from autoprune.search.space import SearchSpace
 
     set_threads(1)  # as a trial with cpus_per_trial=1
     times, accs = [], []

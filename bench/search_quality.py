@@ -6,7 +6,7 @@
 
 For every study, budget and seed, with the same trial count (the study's own: 16 for
 digits-lenet, 24 for lenet300-mnist), workers and seed:
-(a) `search(sampler="tpe")`, autoprune's default search over search_spaces/default.yaml;
+(a) `search(sampler="tpe")`, autoprune's default search over autoprune/search_spaces/default.yaml;
 (b) `search(sampler="random")` over the same space;
 (c) the baseline a user would pick by hand: one-shot magnitude pruning with the study's
     fine-tuning, the *same* sparsity in every layer (`targets_for_budget` with a uniform
@@ -81,8 +81,9 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
     """One search; returns its hypervolume, best in-budget pick and timing."""
     import optuna
 
+    from autoprune.orchestration import SearchOptions, search
     from autoprune.pareto import hypervolume
-    from autoprune.search.orchestrator import SearchOptions, search, trial_points
+    from autoprune.store import trial_points
 
     opts = SearchOptions(study=str(study_path), budget=budget, trials=trials, workers=workers,
                          cpus_per_trial=1.0, sampler=sampler, seed=seed, out=str(out),

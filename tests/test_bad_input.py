@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from autoprune.budget import Budget
 from autoprune.cli import main
 from autoprune.errors import UserError
-from autoprune.search.space import SearchSpace
+from autoprune.orchestration.space import SearchSpace
 from autoprune.study import study_from_dict
 
 GOOD_SPACE = "methods:\n  magnitude: {epochs: 0}\nfinetune: {epochs: 1}\n"

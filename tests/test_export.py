@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from autoprune.cli.export import main_for_tests
 from autoprune.engine import evaluate
 from autoprune.errors import UserError
 from autoprune.export import (
@@ -25,7 +26,6 @@ from autoprune.export import (
     export_best,
     export_model,
     load_exported,
-    main_for_tests,
     pack_state,
     removed_channels,
     save_checkpoint,

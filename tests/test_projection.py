@@ -10,8 +10,8 @@ import torch
 
 from autoprune.flops import Accountant
 from autoprune.models import build_model
+from autoprune.orchestration.projection import CostTable, fractions, min_reachable, project
 from autoprune.pruning.base import apply_masks, filter_masks, filter_scores, n_pruned, weight_masks
-from autoprune.search.projection import CostTable, fractions, min_reachable, project
 
 
 class Bench:
@@ -238,7 +238,7 @@ def test_bad_arguments(lenet5):
 
 def test_size_prior_and_offsets_from_it(lenet5):
     """The search's default centre: bigger layers pruned harder; 0.5 offsets give the prior."""
-    from autoprune.search.projection import size_prior, with_prior
+    from autoprune.orchestration.projection import size_prior, with_prior
 
     table = lenet5.table
     prior = size_prior(table)
@@ -256,7 +256,7 @@ def test_size_prior_and_offsets_from_it(lenet5):
 def test_targets_below_the_reachable_are_stretched_onto_it(lenet5):
     """At params=0.014 LeNet-5 can reach 0.0113 at most: sampled targets from the floor up
     must still give distinct, reachable plans instead of all collapsing to every-layer-capped."""
-    from autoprune.search.projection import reachable_target
+    from autoprune.orchestration.projection import reachable_target
 
     table, limits = lenet5.table, {"params": 0.014}
     reach = min_reachable(table, "weight")["params"] / 0.014

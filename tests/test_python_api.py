@@ -9,6 +9,7 @@ so the search also proves that a user's model class travels to the workers by va
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import optuna
 import pytest
@@ -96,11 +97,13 @@ def trained_net(tensors) -> TinyNet:
     return net
 
 
-def test_autoprune_search_stays_the_function_after_its_subpackage_is_imported():
-    """`autoprune.search` also names the subpackage autoprune/search/, whose first import used
-    to replace the function with the module (so a second `autoprune.search(...)` failed)."""
-    importlib.import_module("autoprune.search.orchestrator")
+def test_autoprune_search_stays_the_function_after_the_orchestration_is_imported():
+    """The function `autoprune.search` and the subpackage (`autoprune.orchestration`) have two
+    names: importing the subpackage never replaces the function (it once did, so a second
+    `autoprune.search(...)` failed)."""
+    importlib.import_module("autoprune.orchestration.orchestrator")
     assert callable(autoprune.search) and autoprune.search.__module__ == "autoprune"
+    assert not (Path(autoprune.__file__).parent / "search").exists()  # no module of that name
 
 
 def test_search_on_a_user_model_class_and_tensors(ray_session, tmp_path, tensors, tiny_space):

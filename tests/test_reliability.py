@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from autoprune.cli import main
-from autoprune.search.orchestrator import SearchOptions, StudyLock, search
+from autoprune.orchestration.orchestrator import SearchOptions, StudyLock, search
 
 STUDY = "digits-lenet"
 # A prune phase of one epoch (gradual magnitude), so a checkpoint sits between the two phases.

@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 
 from autoprune.budget import Budget
 from autoprune.cli import main
+from autoprune.orchestration.orchestrator import SearchOptions, search
 from autoprune.pareto import front
-from autoprune.search.orchestrator import SearchOptions, search
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from autoprune.errors import UserError
+from autoprune.orchestration.space import Dist, SearchSpace
 from autoprune.paths import SPACES_DIR
 from autoprune.pruning import load_all
-from autoprune.search.space import Dist, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -35,6 +35,7 @@ from autoprune.names import (
     TEST_ACC,
     VAL_ACC,
 )
+from autoprune.store import front_of, latest_search
 from autoprune.tracking import Tracker, default_tracking_uri, flatten
 
 DENSE = {VAL_ACC: 0.99, TEST_ACC: 0.985, "flops": 2_293_000, "params": 431_080,
@@ -184,23 +185,23 @@ def test_full_search_is_recorded(store, tmp_path, monkeypatch):
     assert parent.info.artifact_uri.startswith(exp.artifact_location)
 
     # readers for report/export
-    latest = tr.latest_search()
+    latest = latest_search(tr.client, tr.study)
     assert latest is not None and latest.info.run_id == pid
     assert latest.data.params["budget"] == "flops=0.4"
-    front = tr.front_of(pid)
+    front = front_of(tr.client, pid)
     assert [f["trial"] for f in front] == [1, 0]  # by flops_frac
     assert front[1][VAL_ACC] == 0.97 and front[1]["params"]["lr"] == "0.01"
     assert all("prune/loss" not in f for f in front)
     reader = Tracker(default_tracking_uri(store), "study-full", study="lenet5-mnist",
                      create=False)
-    assert reader.latest_search().info.run_id == pid
-    assert [f["run_id"] for f in reader.front_of(pid)] == [f["run_id"] for f in front]
+    assert latest_search(reader.client, reader.study).info.run_id == pid
+    assert [f["run_id"] for f in front_of(reader.client, pid)] == [f["run_id"] for f in front]
 
 
 def test_reader_does_not_create(store):
     uri = default_tracking_uri(store)
     reader = Tracker(uri, "never-searched", create=False)
-    assert reader.experiment_id is None and reader.latest_search() is None
+    assert reader.experiment_id is None and latest_search(reader.client, reader.study) is None
     assert MlflowClient(uri).get_experiment_by_name("never-searched") is None
     with pytest.raises(RuntimeError):
         reader.start_search(CONFIG, "flops=0.4", DENSE)
@@ -243,7 +244,7 @@ def test_log_trial_is_idempotent_and_resume_reuses_parent(store, tmp_path):
         read_artifact(client, pid, ART_FRONT_CSV, tmp_path).read_text())))
     assert json.loads(rows[0]["hparams"]) == {"lr": 0.01}
     assert len(client.search_runs([tr.experiment_id], f"tags.`{TAG_ROLE}` = 'search'")) == 1
-    assert [f["trial"] for f in tr2.front_of(pid)] == [7]
+    assert [f["trial"] for f in front_of(tr2.client, pid)] == [7]
 
     with pytest.raises(ValueError):
         tr2.log_trial(pid, 8, "magnitude", hp, {}, [], None, "DONE")

@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import tempfile
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
+from .faults import Faults
 from .projection import (
     CostTable,
     fractions,
@@ -49,21 +48,7 @@ from .projection import (
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
-# Test-only fault injection, read by the driver and handed to workers in the TrialContext
-# (workers of an existing Ray cluster do not see the driver's environment):
-#   AUTOPRUNE_TEST_KILL_TRIAL=<n>   SIGKILL the worker of trial n once, after its first
-#                                   fine-tune epoch (a marker file in the study folder makes
-#                                   it happen only the first time)
-#   AUTOPRUNE_TEST_RAISE_TRIAL=<n>  trial n raises RuntimeError (every attempt)
-#   AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial sleeps s seconds after each epoch (so a test
-#                                   can interrupt a search while trials are running)
-FAULT_PREFIX = "AUTOPRUNE_TEST_"
 CKPT_STATE, CKPT_META = "pruned.pt", "pruned.json"
-
-
-def test_faults() -> dict[str, str]:
-    """The driver's fault-injection variables (empty outside tests)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -84,7 +69,7 @@ class TrialContext:
     seed: int
     cpus: float
     checkpoint: str | None = None
-    faults: dict[str, str] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)  # the test hook (faults.py); inert
 
 
 _BENCHES: dict[tuple, Workbench] = {}
@@ -115,24 +100,6 @@ def node_info() -> dict[str, str]:
         return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     except Exception:  # noqa: BLE001 - informational only
         return {}
-
-
-def _fault(ctx: TrialContext, name: str) -> str | None:
-    return ctx.faults.get(FAULT_PREFIX + name)
-
-
-def _maybe_kill(ctx: TrialContext, number: int, rec: dict) -> None:
-    """Test hook: die like a lost worker would, once, in the middle of fine-tuning."""
-    target = _fault(ctx, "KILL_TRIAL")
-    if target is None or int(target) != number or rec.get("phase") != "finetune":
-        return
-    marker = Path(ctx.study_dir) / f".killed-trial-{number}"
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
@@ -203,9 +170,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
                               space.max_sparsity)
     targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
-    if _fault(ctx, "RAISE_TRIAL") is not None and int(_fault(ctx, "RAISE_TRIAL")) == number:
-        raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")
-    slow = float(_fault(ctx, "SLOW_TRIAL") or 0)
+    ctx.faults.on_start(number)
     fingerprint = {"trial": number, "method": plan.method, "model": wb.study.model,
                    "targets": targets, "flops_frac": planned["flops"],
                    "params_frac": planned["params"]}
@@ -216,9 +181,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
         tune.report({"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
                      "flops_frac": planned["flops"], "params_frac": planned["params"],
                      "phase": rec["phase"], "is_final": False})
-        if slow:
-            time.sleep(slow)
-        _maybe_kill(ctx, number, rec)
+        ctx.faults.on_epoch(number, rec.get("phase"), ctx.study_dir)
 
     model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,
                            seed=ctx.seed + max(number, 0), on_epoch=progress,

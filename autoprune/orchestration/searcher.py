@@ -7,6 +7,9 @@ Three things Ray's class does not do (see STACK_NOTES.md):
   trial's final report carries `is_final`), and a trial that reported failure as FAIL;
 - put the Optuna trial number into the config, so that the driver, MLflow and Optuna agree on
   which trial is which (the MLflow child run is keyed by it).
+
+Ray offers no public access to the Optuna trial behind a Tune trial, so this subclass uses
+OptunaSearch's own `_ot_trials`, `_ot_study` and `_completed_trials` (checked against Ray 2.60).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ..record import TrialRecord
+
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
-KEPT_ATTRS = ("method", "test_accuracy", "compact_flops_frac", "checkpoint", "hparams",
-              "granularity", "budget_violation", "node_id", "node_ip", "restored_from_checkpoint",
-              "targets", "finetune_overrides")
-FAILED_ATTRS = ("error", "node_id", "node_ip")
+KEPT_ATTRS = TrialRecord.OPTUNA_ATTRS
+FAILED_ATTRS = TrialRecord.FAILED_ATTRS
 
 
 class PruningSearch(OptunaSearch):

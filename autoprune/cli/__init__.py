@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .errors import UserError
+from ..errors import UserError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables stay off (verbose=0)
@@ -22,7 +23,6 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 def _quiet_libraries() -> None:
     """Our progress lines are the output; the libraries' info chatter is not."""
-    import logging
     import warnings
 
     for name in ("optuna", "mlflow", "alembic", "ray.tune"):
@@ -39,11 +39,22 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _log_to_stderr(quiet: bool) -> Callable[[str], None]:
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
-    return log
+class _Stderr(logging.Handler):
+    """Progress lines to whatever `sys.stderr` is now (tests swap it), message only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def progress_log(quiet: bool) -> Callable[[str], None]:
+    """Show the one logger of autoprune ("autoprune", INFO: progress lines) on stderr, unless
+    `quiet` (--json: only the result is printed); returns its `info`."""
+    logger = logging.getLogger("autoprune")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    return logger.info
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,8 +78,11 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from .study import list_studies
+    from ..study import list_studies, study_text
 
+    if args.show:
+        print(study_text(args.show), end="")
+        return 0
     studies = list_studies()
     if args.json:
         print(json.dumps([{"name": s.name, "model": s.model, "dataset": s.dataset,
@@ -91,7 +105,7 @@ def _summary(cls: type) -> str:
 def _cmd_methods(args: argparse.Namespace) -> int:
     import textwrap
 
-    from .pruning import load_all
+    from ..pruning import load_all
 
     methods = {name: {"summary": _summary(cls),
                       "hyperparameters": cls.describe(), "differences": list(cls.differences)}
@@ -120,8 +134,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _recipe_overrides(items: list[str]) -> dict:
     """`--finetune epochs=20 --finetune lr=1e-3` -> {'epochs': 20, 'lr': 0.001}."""
-    from . import yamlio
-    from .engine import Recipe
+    from .. import yamlio
+    from ..engine import Recipe
 
     out = {}
     for item in items:
@@ -134,16 +148,16 @@ def _recipe_overrides(items: list[str]) -> dict:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .pruning import get_method
+    from ..pruning import get_method
 
     params = get_method(args.method).parse_set(args.set or [])  # refuse bad input first
-    from . import api
+    from .. import api
 
+    progress_log(args.json)
     m = api.prune(args.study, args.method, args.budget, params=params,
                   finetune=_recipe_overrides(args.finetune or []),
                   layer_sparsity=args.layer_sparsity, out=args.out, data_root=args.data_root,
-                  seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download,
-                  log=_log_to_stderr(args.json))
+                  seed=args.seed, checkpoint=args.dense_checkpoint, download=args.download)
     m.pop("history", None)
     if args.json:
         print(json.dumps(m, indent=2, default=float))
@@ -168,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studies", help="list the built-in studies")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show", metavar="NAME",
+                   help="print one study's YAML (to read it, or copy it and edit the copy)")
     p.set_defaults(func=_cmd_studies)
 
     p = sub.add_parser("methods", help="list the pruning methods and their hyperparameters")
@@ -190,15 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this dense checkpoint instead of training one")
     p.set_defaults(func=_cmd_prune)
 
-    try:
-        from .search import cli as search_cli
-    except ImportError:
-        search_cli = None
-    if search_cli is not None:
-        search_cli.add_commands(sub, _common)
-    from .export import add_command as add_export
+    from . import export as export_cli
+    from . import search as search_cli
 
-    add_export(sub)
+    search_cli.add_commands(sub, _common)
+    export_cli.add_command(sub)
     for p in (parser, *sub.choices.values()):
         _one_line_errors(p)
     return parser

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ray.tune import Callback, Stopper
 
 from ..budget import Budget
+from ..record import TrialRecord
 from .searcher import TRIAL_NUMBER_KEY
 
 _INTERNAL = {TRIAL_NUMBER_KEY}
-FINAL_METRICS = ("val_accuracy", "test_accuracy", "flops_frac", "params_frac",
-                 "compact_flops_frac", "compact_params_frac", "flops", "params",
-                 "weight_compression", "budget_violation", "target", "dense_val_accuracy",
-                 "dense_test_accuracy", "restored_from_checkpoint")
+FINAL_METRICS = TrialRecord.RESULT_METRICS
 NODE_KEYS = ("node_id", "node_ip")  # where the trial ran, as params of its MLflow run
 KILLED_ERROR = "the search was interrupted before this trial finished"
+log = logging.getLogger("autoprune")
 
 
 def _error_text(trial) -> str:
@@ -98,16 +98,15 @@ class TrackingCallback(Callback):
 class ProgressCallback(Callback):
     """One line per finished trial: counts and the best feasible accuracy so far."""
 
-    def __init__(self, total: int, done_before: int, budget: Budget,
-                 log: Callable[[str], None]) -> None:
-        self.total, self.done, self.budget, self.log = total, done_before, budget, log
+    def __init__(self, total: int, done_before: int, budget: Budget) -> None:
+        self.total, self.done, self.budget = total, done_before, budget
         self.failed = 0
         self.best: tuple[float, str] | None = None
 
     def _line(self, trials, trial, what: str) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING")
         best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
-        self.log(f"[{self.done}/{self.total} done, {running} running, {self.failed} failed] "
+        log.info(f"[{self.done}/{self.total} done, {running} running, {self.failed} failed] "
                  f"trial {trial.config.get(TRIAL_NUMBER_KEY)} {what}; best in budget: {best}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -148,9 +147,8 @@ class Interrupt(Stopper):
     nobody that it did.
     """
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    def __init__(self) -> None:
         self.requested = False
-        self.log = log
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
@@ -162,7 +160,7 @@ class Interrupt(Stopper):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.log("interrupted: stopping the running trials (Ctrl-C again to quit at once)")
+        log.info("interrupted: stopping the running trials (Ctrl-C again to quit at once)")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Interrupt]:

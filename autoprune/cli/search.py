@@ -1,4 +1,4 @@
-"""CLI commands of the search side: `search`, `report`, `ui` (export lives in export.py's CLI)."""
+"""CLI commands of the search side: `search`, `report`, `ui`, and the printed front."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ import contextlib
 import json
 import sys
 
-from ..errors import UserError
-
-
-def _log(quiet: bool):
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
-    return log
+from . import progress_log
 
 
 def _number(kind: type, minimum: float):
@@ -39,7 +32,7 @@ _non_negative_float = _number(float, 0)
 def cmd_search(args: argparse.Namespace) -> int:
     """Exit codes: 0 done (or the time limit reached with trials completed), 1 every trial
     failed or none completed within the time limit, 2 bad input, 130 interrupted (resumable)."""
-    from .orchestrator import SearchOptions, parse_duration, print_front, resume_hint, search
+    from ..orchestration import SearchOptions, parse_duration, resume_hint, search
 
     opts = SearchOptions(
         study=args.study, space=args.space, budget=args.budget, trials=args.trials,
@@ -53,7 +46,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            summary = search(opts, log=_log(args.json))
+            progress_log(args.json)
+            summary = search(opts)
     except KeyboardInterrupt:  # interrupted outside Tune's graceful stop (e.g. dense training)
         print(f"autoprune: search interrupted; the finished trials are kept. Resume with:\n"
               f"  {resume_hint(opts)}", file=sys.stderr)
@@ -161,4 +155,30 @@ def add_commands(sub, common) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-__all__ = ["add_commands", "UserError"]
+def print_front(summary: dict, stream=None) -> None:
+    """The front as a table (stdout unless `stream`; looked up per call, tests swap it)."""
+    stream = stream or sys.stdout
+    d = summary["dense"]
+    print(f"\nPareto front of {summary['study']} (budget {summary['budget']}; "
+          f"{summary['trials_completed']} completed, {summary['trials_failed']} failed, "
+          f"{summary['trials_pruned']} stopped early, {summary.get('trials_killed', 0)} "
+          f"interrupted)", file=stream)
+    print(f"dense: val {d['val_accuracy']:.4f} test {d['test_accuracy']:.4f}", file=stream)
+    header = (f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}"
+              "  hyperparameters")
+    print(header, file=stream)
+    for p in summary["pareto"]:
+        hp = json.loads(p["hparams"]) if p.get("hparams") else {}
+        hps = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in hp.items())
+        test = f"{p['test_accuracy']:.4f}" if p.get("test_accuracy") is not None else "-"
+        print(f"{p['trial']:>5} {p['method'] or '-':<12} {p['val_accuracy']:>7.4f} {test:>7} "
+              f"{p['flops_frac']:>7.4f} {p['params_frac']:>7.4f}  {hps}", file=stream)
+    if summary.get("best"):
+        b = summary["best"]
+        print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",
+              file=stream)
+        if b.get("rerun"):
+            print(f"rerun it alone (e.g. with a longer fine-tune): {b['rerun']}", file=stream)
+    else:
+        print("no completed trial met the budget", file=stream)

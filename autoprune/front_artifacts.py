@@ -1,0 +1,96 @@
+"""The tables and the plot of a search's front, as stored on its MLflow parent run (pure: no
+MLflow here; tracking.Tracker logs what these functions return)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import pareto
+from .names import FLOPS_FRAC, PARAMS_FRAC, TEST_ACC, VAL_ACC
+
+# Columns of the front/trial tables, in this order.
+POINT_COLUMNS = ("trial", "method", VAL_ACC, TEST_ACC, FLOPS_FRAC, PARAMS_FRAC, "feasible",
+                 "run_id")
+
+
+def number(v: Any) -> float | None:
+    """A metric value, or None for what MLflow cannot plot (strings, None, arrays)."""
+    if isinstance(v, (bool, int, float, np.generic)):
+        return float(v)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return float(v.item())
+    if callable(getattr(v, "numel", None)) and v.numel() == 1:
+        return float(v.item())  # a one-element torch tensor (torch is not imported here)
+    return None
+
+
+def columns_of(points: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """POINT_COLUMNS, then any other keys the points carry (sorted, for stable tables)."""
+    extra = sorted({k for p in points for k in p} - set(POINT_COLUMNS))
+    return (*POINT_COLUMNS, *extra)
+
+
+def row(p: Mapping[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """A table row: nested values (hyperparameter dicts) as JSON text."""
+    return {c: json.dumps(v, default=str) if isinstance(v := p.get(c), (dict, list, tuple))
+            else v for c in columns}
+
+
+def csv_text(rows: list[dict[str, Any]], columns: Sequence[str] = POINT_COLUMNS) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def pareto_figure(points: Sequence[Mapping[str, Any]], front_pts: Sequence[Mapping[str, Any]],
+                  budget_limits: Mapping[str, float], dense: Mapping[str, Any]) -> Any:
+    """Validation accuracy against FLOPs and params fractions: every trial grey, the front in
+    red, joined per panel by the staircase of that projection's front, the dense model as a star
+    (at cost 1.0), budget limits as dashed lines.
+
+    Built on `matplotlib.figure.Figure` (Agg canvas), not pyplot: no global backend or figure
+    state, so it is safe in a driver that also runs other code.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    dense_acc = number(dense.get(VAL_ACC))
+    for ax, key, budget_key, label in ((axes[0], FLOPS_FRAC, "flops", "FLOPs fraction"),
+                                       (axes[1], PARAMS_FRAC, "params", "params fraction")):
+        def xy(pts: Iterable[Mapping[str, Any]], k: str = key) -> tuple[list, list]:
+            ok = [p for p in pts if number(p.get(k)) is not None
+                  and number(p.get(VAL_ACC)) is not None]
+            return [float(p[k]) for p in ok], [float(p[VAL_ACC]) for p in ok]
+
+        ax.scatter(*xy(points), s=18, color="0.7", label="trials", zorder=1)
+        ax.scatter(*xy(front_pts), s=36, color="tab:red", label="Pareto front", zorder=3)
+        # the line joins the front of this projection only (3-D front points need not be
+        # monotone in one cost), as a staircase: the best accuracy reachable at each cost
+        feasible = [p for p in points if p.get("feasible", True)]
+        stair = [feasible[i] for i in pareto.front(feasible, ((VAL_ACC, "max"), (key, "min")))]
+        sx, sy = xy(sorted(stair, key=lambda p: float(p[key])))
+        ax.plot(sx, sy, drawstyle="steps-post", color="tab:red", lw=1.2, zorder=2)
+        if dense_acc is not None:
+            ax.scatter([1.0], [dense_acc], marker="*", s=160, color="black", label="dense",
+                       zorder=4)
+        if budget_key in budget_limits:
+            ax.axvline(float(budget_limits[budget_key]), ls="--", color="tab:blue",
+                       label=f"budget {budget_key}={float(budget_limits[budget_key]):g}")
+        ax.set_xlabel(label)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("validation accuracy")
+    fig.suptitle("accuracy vs cost (front: feasible, non-dominated in accuracy/FLOPs/params)")
+    return fig

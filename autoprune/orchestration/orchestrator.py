@@ -1,0 +1,227 @@
+"""The search: Ray Tune runs trials, Optuna proposes them, the driver records them in MLflow.
+
+The Optuna study (SQLite in the study folder, or an RDB URL) is the source of truth for what
+has been tried: resuming a search means loading it, failing the trials that were left RUNNING by a
+dead driver (marked killed), and running only the trials still missing. Tune's own experiment
+state is not restored (its resume path loses multi-objective results, see STACK_NOTES.md). MLflow
+holds the same trials as child runs of one parent run per study folder, keyed by the Optuna trial
+number, so nothing is recorded twice; `reconcile` brings MLflow in line with the study after a
+driver was interrupted or killed. Failure handling as a whole is described in docs/cluster.md.
+
+Everything that can be checked before work starts is (input, cluster reachability and
+resources, model, data, dense checkpoint, budget), before any store is created: bad input
+leaves an existing output folder as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from .. import store
+from ..budget import Budget
+from ..data import data_root
+from ..errors import UserError
+from ..names import OBJECTIVES
+from ..paths import SPACES_DIR, resolve_yaml
+from ..pipeline import Workbench
+from ..study import Study, load_study
+from .cluster import host_port, init_ray, tune_storage
+from .faults import Faults
+from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
+from .projection import CostTable, min_reachable
+from .resume import (
+    StudyLock,
+    finished_before,
+    finished_count,
+    open_storage,
+    prepare_optuna,
+    reconcile,
+)
+from .space import SearchSpace
+from .summary import summarize
+from .trial import TrialContext
+
+__all__ = ["SearchOptions", "StudyLock", "search"]
+log = logging.getLogger("autoprune")
+
+
+def _space_path(opts: SearchOptions, study: Study) -> Path:
+    name = opts.space or study.space
+    path = resolve_yaml(name, SPACES_DIR)
+    if path is None:
+        raise UserError(f"search space '{name}' not found (a .yaml path or one of "
+                        f"{', '.join(p.stem for p in sorted(SPACES_DIR.glob('*.yaml')))})")
+    return path
+
+
+@dataclass
+class Suggest:
+    """The define-by-run space for Ray's OptunaSearch (a class, so Tune can pickle it)."""
+
+    space: SearchSpace
+    layers: list[str]
+
+    def __call__(self, trial: optuna.Trial) -> dict | None:
+        return self.space.suggest(trial, self.layers)
+
+
+def _check_budget_reachable(wb: Workbench, budget: Budget, space: SearchSpace) -> None:
+    """Refuse, before any trial, a budget that even the finest granularity cannot reach."""
+    max_sparsity = space.max_sparsity
+    table = CostTable.from_accountant(wb.accountant, space.prunable(wb.layers))
+    reach = min_reachable(table, "weight", max_sparsity)
+    for key, limit in budget.limits.items():
+        if reach[key] > limit:
+            raise UserError(f"budget {key}={limit:g} is below what the space can reach on "
+                            f"{wb.study.model} (smallest {key} fraction {reach[key]:.4f} at "
+                            f"max_sparsity {max_sparsity:g})")
+
+
+def search(opts: SearchOptions) -> dict:
+    """Run (or resume) a search; return the summary that `--json` prints. Progress goes to the
+    "autoprune" logger (INFO)."""
+    from ray import tune
+
+    from ..tracking import Tracker
+    from .callbacks import Interrupt, ProgressCallback, TrackingCallback
+    from .searcher import PruningSearch
+    from .trial import run_trial
+
+    study = opts.study if isinstance(opts.study, Study) else load_study(opts.study)
+    budget = Budget.parse(opts.budget or study.budget)
+    space_path = _space_path(opts, study)
+    space = SearchSpace.load(space_path)
+    trials = opts.trials or study.trials
+    if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
+        raise UserError("--trials and --workers must be >= 1, --cpus-per-trial > 0, "
+                        "--gpus-per-trial >= 0")
+    if opts.ray_address:
+        host_port(opts.ray_address)
+    if opts.scheduler not in ("none", "asha"):
+        raise UserError(f"unknown scheduler '{opts.scheduler}'; choose none or asha")
+    sampler = make_sampler(opts.sampler, opts.seed)
+    out = Path(opts.out).expanduser().resolve()
+    study_dir = out / study.name
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        probe = study_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror}") from None
+
+    with StudyLock(study_dir):
+        storage_url = store.optuna_url(study_dir, opts.optuna_storage)
+        local_db = store.sqlite_file(storage_url)
+        done = 0
+        if local_db is None or local_db.exists():  # (opening creates the file)
+            done = finished_before(open_storage(storage_url), study.name, opts.resume)
+        remaining = max(0, trials - done)
+        if remaining > 0:  # fail fast (no cluster, no GPUs) before anything is written
+            init_ray(opts)
+        # model, data, dense checkpoint and budget are checked before any store is created
+        wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
+                            checkpoint=opts.dense_checkpoint, log=log.info)
+        _check_budget_reachable(wb, budget, space)
+        storage = open_storage(storage_url)
+        ot_study = prepare_optuna(storage, study.name, sampler)
+        dense = {"val_accuracy": wb.dense["val_accuracy"],
+                 "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
+                 "params": wb.dense["params"]}
+        log.info(f"dense baseline of {study.name}: val {dense['val_accuracy']:.4f}, "
+            f"test {dense['test_accuracy']:.4f}, {dense['flops'] / 1e6:.3f} M MACs, "
+            f"{dense['params']:,} params")
+
+        tracking_uri = opts.tracking_uri or store.default_tracking_uri(out)
+        # artifacts beside a local store; a tracking server stores them where it is told to
+        tracker = Tracker(tracking_uri, study.name,
+                          out / "mlartifacts" if store.sqlite_file(tracking_uri) else None)
+        config_record = {"study": study.name, "study_file": study.source,
+                         "space": str(space_path), "budget": str(budget), "trials": trials,
+                         "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
+                         "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
+                         "scheduler": opts.scheduler, "seed": opts.seed,
+                         "optuna_storage": store.redact(storage_url), **study.describe()}
+        # One parent run per study: reused by --resume, and by a rerun of a search that was
+        # stopped before its first trial.
+        parent = store.parent_run_id(ot_study)
+        try:
+            parent_id = tracker.start_search(config_record, str(budget), dense,
+                                             parent_run_id=parent)
+        except ValueError:  # the stored parent is not in this tracking store
+            log.info(f"MLflow run {parent} of this study is not in {tracking_uri}; starting a "
+                     f"new one")
+            parent_id = tracker.start_search(config_record, str(budget), dense)
+        ot_study.set_user_attr(store.PARENT_ATTR, parent_id)
+        fixed = reconcile(ot_study, storage, tracker, parent_id)
+        if fixed:
+            log.info(f"recorded {fixed} trial(s) that an earlier driver left unfinished")
+        if done:
+            log.info(f"resuming: {done} trials already finished, {remaining} to go")
+
+        status = "FINISHED"
+        interrupted = False
+        progress = ProgressCallback(total=trials, done_before=done, budget=budget)
+        if remaining > 0:
+            if study.objects is not None:  # a custom study's model code goes to the workers
+                study.objects.ship_by_value()
+            ctx = TrialContext(study=study, space=space, out=str(out),
+                               study_dir=str(study_dir), budget=str(budget),
+                               data_root=str(data_root(opts.data_root)), seed=opts.seed,
+                               cpus=opts.cpus_per_trial, checkpoint=absolute(
+                                   opts.dense_checkpoint),
+                               faults=Faults.from_env())
+            layers = wb.layers
+            searcher = PruningSearch(space=Suggest(space, layers),
+                                     metric=[k for k, _ in OBJECTIVES],
+                                     mode=[m for _, m in OBJECTIVES], sampler=sampler,
+                                     storage=storage, study_name=study.name)
+            scheduler = None
+            if opts.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1,
+                                          reduction_factor=2)
+            resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+            trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+            tracking_cb = TrackingCallback(tracker, parent_id)
+            stop = Interrupt()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                            num_samples=remaining,
+                                            max_concurrent_trials=opts.workers,
+                                            reuse_actors=True, time_budget_s=opts.time_limit),
+                run_config=tune.RunConfig(
+                    name=f"tune-{int(time.time())}", storage_path=tune_storage(opts, study_dir),
+                    callbacks=[tracking_cb, progress], verbose=0, stop=stop,
+                    failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                    checkpoint_config=tune.CheckpointConfig()),
+            )
+            try:
+                with stop.installed():
+                    tuner.fit()
+            except KeyboardInterrupt:  # a second Ctrl-C: quit without Tune's graceful stop
+                interrupted = True
+            interrupted = interrupted or stop.requested
+            if interrupted:
+                status = "KILLED"
+            reconcile(ot_study, storage, tracker, parent_id)
+
+        summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
+                            status=status,
+                            study_ref=study_ref(opts.study))
+        # the time limit ended the search before the budgeted trials finished
+        timed_out = (opts.time_limit is not None and not interrupted
+                     and finished_count(ot_study) < trials)
+        summary["resume_hint"] = resume_hint(opts) if interrupted or timed_out else None
+        summary["interrupted"] = interrupted
+        summary["time_limit_reached"] = timed_out
+        summary["parent_run_id"] = parent_id
+        summary["tracking_uri"] = tracking_uri
+        return summary

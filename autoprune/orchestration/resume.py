@@ -1,0 +1,124 @@
+"""Resuming a search safely: one search per study folder (a file lock), the Optuna storage,
+and bringing Optuna and MLflow in line after a driver was interrupted or killed.
+
+The Optuna study is the source of truth: trials a dead driver left RUNNING are failed and marked
+killed, and `reconcile` gives every trial exactly one MLflow child run in the matching state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import store
+from ..errors import UserError
+from ..record import TrialRecord
+from ..store import KILLED_ATTR, redact
+from .callbacks import KILLED_ERROR
+
+
+class StudyLock:
+    """One search per study folder at a time: a second process gets a clear refusal."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+        self._fh = None
+
+    def __enter__(self) -> StudyLock:
+        self._fh = open(self.path, "a+")  # noqa: SIM115 - held for the whole search
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise UserError(f"another autoprune search is running on {self.path.parent}; "
+                            f"wait for it or use another --out") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna RDB storage at `url`; an unusable URL is a one-line `UserError`."""
+    try:
+        return optuna.storages.RDBStorage(url)
+    except ImportError as exc:
+        raise UserError(f"--optuna-storage {redact(url)}: the database driver is not "
+                        f"installed ({exc.name or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's many error types: all bad input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open --optuna-storage {redact(url)}: {first}") from None
+
+
+def finished_before(storage: optuna.storages.RDBStorage, name: str, resume: bool) -> int:
+    """Trials that count towards the budget already in the study (0 for a new study).
+
+    Refuses to add to a study that has trials unless `--resume` says so. Nothing is written.
+    """
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name not in existing or existing[name].n_trials == 0:
+        return 0
+    if not resume:
+        raise UserError(f"the study folder already holds a search of {existing[name].n_trials} "
+                        f"trials; pass --resume to continue it, or another --out")
+    study = optuna.load_study(study_name=name, storage=storage)
+    return finished_count(study)
+
+
+def prepare_optuna(storage: optuna.storages.RDBStorage, name: str, sampler) -> optuna.Study:
+    """Load or create the study; fail the trials a dead driver left RUNNING."""
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                directions=["maximize", "minimize", "minimize"],
+                                load_if_exists=True)
+    fail_unfinished(study, storage)
+    return study
+
+
+def fail_unfinished(ot_study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+    """Fail, marked killed, the trials still RUNNING or WAITING (their driver is gone)."""
+    study_id = storage.get_study_id_from_name(ot_study.study_name)
+    for t in ot_study.get_trials(deepcopy=False,
+                                 states=(TrialState.RUNNING, TrialState.WAITING)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, KILLED_ATTR, True)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def reconcile(ot_study: optuna.Study, storage: optuna.storages.BaseStorage, tracker,
+              parent_id: str) -> int:
+    """Make MLflow agree with the Optuna study (the source of truth); return runs fixed.
+
+    After an interrupted or killed driver: trials still RUNNING in Optuna are failed (marked
+    killed), and every trial gets exactly one child run whose status matches its Optuna state;
+    a child left RUNNING (its driver died) is ended KILLED, a trial told to Optuna but not yet
+    logged to MLflow is logged from the study.
+    """
+    fail_unfinished(ot_study, storage)
+    experiment_id = tracker.client.get_run(parent_id).info.experiment_id
+    status = {n: r.info.status
+              for n, r in store.child_runs(tracker.client, experiment_id, parent_id).items()}
+    fixed = 0
+    for t in ot_study.get_trials(deepcopy=False):
+        want = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(
+            t.state, "KILLED" if t.user_attrs.get(KILLED_ATTR) else "FAILED")
+        if status.get(t.number) not in (None, "RUNNING"):
+            continue
+        metrics = TrialRecord.from_optuna(t).metrics() if t.state == TrialState.COMPLETE else {}
+        error = t.user_attrs.get("error") or (KILLED_ERROR if want == "KILLED" else None)
+        params = {**t.params, **{k: t.user_attrs[k] for k in ("node_id", "node_ip")
+                                 if k in t.user_attrs}}
+        tracker.log_trial(parent_id, t.number, str(t.params.get("method", "")), params, metrics,
+                          status=want, error=error if want != "FINISHED" else None)
+        fixed += 1
+    return fixed
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards the budgeted number: completed or pruned (not failed)."""
+    return len(study.get_trials(deepcopy=False,
+                                states=(TrialState.COMPLETE, TrialState.PRUNED)))

@@ -1,0 +1,97 @@
+"""`TrialRecord`: one finished trial, the one shape the front, the report and export read.
+
+A trial reports a flat Tune result (Ray needs a dict of scalars); the searcher keeps the fields
+named by `TrialRecord.OPTUNA_ATTRS` on the Optuna trial, and `TrialRecord.from_optuna` reads them
+back, so the study alone can rebuild every point. `as_point()` is its plain-dict form (what
+`--json`, the MLflow tables and `autoprune export` show).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from .names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC
+
+FEASIBLE_TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A completed trial: its objectives, where its weights are and how to rerun it."""
+
+    trial: int
+    method: str | None
+    val_accuracy: float
+    flops_frac: float
+    params_frac: float
+    test_accuracy: float | None = None
+    compact_flops_frac: float | None = None
+    run_id: str | None = None
+    checkpoint: str | None = None
+    hparams: str | None = None  # the method's hyperparameters as JSON text (as recorded)
+    granularity: str | None = None
+    # per-layer sparsities and fine-tune overrides: with method and hparams, all that
+    # `autoprune prune` needs to rerun this trial alone (e.g. longer)
+    layer_sparsity: dict[str, float] | None = None
+    finetune: dict[str, Any] | None = None
+    feasible: bool = True
+    budget_violation: float = 0.0  # how far over the budget (<= 0: within it)
+
+    # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study.
+    OPTUNA_ATTRS: ClassVar[tuple[str, ...]] = (
+        "method", "test_accuracy", "compact_flops_frac", "checkpoint", "hparams", "granularity",
+        "budget_violation", "node_id", "node_ip", "restored_from_checkpoint", "targets",
+        "finetune_overrides")
+    FAILED_ATTRS: ClassVar[tuple[str, ...]] = ("error", "node_id", "node_ip")
+    # Numbers of a trial's final Tune result logged as its MLflow run's metrics.
+    RESULT_METRICS: ClassVar[tuple[str, ...]] = (
+        "val_accuracy", "test_accuracy", "flops_frac", "params_frac", "compact_flops_frac",
+        "compact_params_frac", "flops", "params", "weight_compression", "budget_violation",
+        "target", "dense_val_accuracy", "dense_test_accuracy", "restored_from_checkpoint")
+
+    @classmethod
+    def from_optuna(cls, t: Any) -> TrialRecord:
+        """From a COMPLETE Optuna `FrozenTrial` (values: val_accuracy, flops_frac, params_frac)."""
+        attrs = t.user_attrs
+        cons = t.constraints  # Optuna 5: {key: value}, feasible when every value <= 0
+        violation = max(cons.values()) if cons else attrs.get("budget_violation", 0.0)
+        return cls(trial=t.number, method=attrs.get("method"), val_accuracy=t.values[0],
+                   flops_frac=t.values[1], params_frac=t.values[2],
+                   test_accuracy=attrs.get("test_accuracy"),
+                   compact_flops_frac=attrs.get("compact_flops_frac"),
+                   run_id=attrs.get("run_id"), checkpoint=attrs.get("checkpoint"),
+                   hparams=attrs.get("hparams"), granularity=attrs.get("granularity"),
+                   layer_sparsity=_json(attrs.get("targets")),
+                   finetune=_json(attrs.get("finetune_overrides")),
+                   feasible=violation <= FEASIBLE_TOLERANCE, budget_violation=violation)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return json.loads(self.hparams) if self.hparams else {}
+
+    def as_point(self) -> dict[str, Any]:
+        """The plain-dict form (keys as in `--json`; `granularity` is left to the model card)."""
+        d = asdict(self)
+        d.pop("granularity")
+        d.pop("budget_violation")
+        return d
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers of the trial's MLflow run (those the Optuna study keeps)."""
+        extra = {"test_accuracy": self.test_accuracy,
+                 "compact_flops_frac": self.compact_flops_frac,
+                 "budget_violation": self.budget_violation}
+        return {**self.objectives(), **{k: float(v) for k, v in extra.items()
+                                        if isinstance(v, (int, float))}}
+
+    def objectives(self) -> dict[str, float]:
+        return {VAL_ACC: self.val_accuracy, FLOPS_FRAC: self.flops_frac,
+                PARAMS_FRAC: self.params_frac}
+
+
+def _json(value: Any) -> dict | None:
+    try:
+        return json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        return None

@@ -1,1 +1,0 @@
-"""Search: spaces, projection, Optuna searcher, Ray orchestration."""

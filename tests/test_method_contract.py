@@ -19,10 +19,10 @@ from conftest import fresh_digits_lenet
 from autoprune.cli import main
 from autoprune.engine import Recipe
 from autoprune.graph import build_channel_graph
+from autoprune.orchestration.space import SearchSpace
 from autoprune.pruning import load_all
 from autoprune.pruning.base import METHODS, Masks, Pruner, hp, n_pruned, register
 from autoprune.pruning.runner import PrunedState, calibration_batches, prune_and_finetune
-from autoprune.search.space import SearchSpace
 
 WEIGHT_TARGETS = {"conv1": 0.5, "conv2": 0.8, "fc1": 0.9, "fc2": 0.5}
 FILTER_TARGETS = {"conv1": 0.5, "conv2": 0.25, "fc1": 0.5}  # the free layers of lenet-digits

@@ -85,6 +85,17 @@ class TensorData:
     def device(self) -> torch.device:
         return self.train_x.device
 
+    @property
+    def train_size(self) -> int:
+        return self.train_x.shape[0]
+
+    def eval_batches(self, split: str, batch_size: int = 1024
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`split` ('val' or 'test') in order, as slices (the interface `FolderData` shares)."""
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+
     def example(self) -> torch.Tensor:
         """One input, for tracing and counting."""
         return self.train_x[:1]

@@ -193,6 +193,15 @@ class FolderData:
         x, _ = self.val_set[0]
         return x.unsqueeze(0).to(self._device)
 
+    def subset(self, train: int | None = None, test: int | None = None) -> FolderData:
+        """The first `train`/`test` examples of the (seeded) splits: quick studies and tests."""
+        out = self.to(self._device)
+        if train is not None:
+            out.train_set = Subset(self.train_set, range(min(train, len(self.train_set))))
+        if test is not None:
+            out.test_set = Subset(self.test_set, range(min(test, len(self.test_set))))
+        return out
+
     def in_memory(self) -> TensorData:
         """Every image decoded once (evaluation transform) into a `TensorData`.
 
@@ -202,9 +211,10 @@ class FolderData:
         from .data import TensorData
 
         def stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
-            base = ds.dataset if isinstance(ds, Subset) else ds
-            idx = ds.indices if isinstance(ds, Subset) else range(len(ds))
-            plain = _Checked(base.base, _transforms(self.spec, False))
+            idx = list(range(len(ds)))
+            while isinstance(ds, Subset):  # subsets of subsets: compose the indices
+                idx, ds = [ds.indices[i] for i in idx], ds.dataset
+            plain = _Checked(ds.base, _transforms(self.spec, False))
             xs, ys = zip(*(plain[i] for i in idx), strict=True)
             return torch.stack(xs).to(self._device), torch.tensor(ys, device=self._device)
 

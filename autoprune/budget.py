@@ -1,7 +1,13 @@
-"""The budget grammar: `flops=0.4`, `flops=0.4,params=0.3`, `params=1.4%`.
+"""The budget grammar: `flops=0.4`, `flops=0.4,params=0.3`, `weights=1.405%`.
 
-A budget caps what fraction of the dense model's FLOPs (MACs) and/or parameters a pruned model may
-keep. It is parsed once, from user input, so every mistake becomes a one-line `UserError`; after
+A budget caps what fraction of the dense model a pruned model may keep, in four kinds (any may be
+combined):
+- `flops`: MACs of the *compacted* model, what runs on dense hardware (Torch-Pruning's, NNI's and
+  NNCF's count); only pruning whole channels lowers it;
+- `sparse_flops`: MACs of the nonzero weights (the papers' count for unstructured pruning);
+- `params`: nonzero parameters, biases and BatchNorm included;
+- `weights`: nonzero conv/linear weights only (the ADMM paper's 71.2x is weights=0.01405).
+ It is parsed once, from user input, so every mistake becomes a one-line `UserError`; after
 that it is a plain value that the search, the trials and the export all check the same way.
 `violation` follows Optuna's constraint convention (<= 0 is feasible), so it can be handed to
 `trial.set_constraint` as it is.
@@ -14,7 +20,8 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
-KEYS = ("flops", "params")  # canonical order of `str(budget)`
+KEYS = ("flops", "sparse_flops", "params", "weights")  # canonical order of `str(budget)`
+STRUCTURED_KEYS = ("flops",)  # kinds only whole-channel (structured) pruning can lower
 # Fractions are ratios of integers computed in floating point: a model sitting exactly on its
 # limit may land an ulp above it. `satisfied` forgives that much, never more.
 TOLERANCE = 1e-9
@@ -31,7 +38,7 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """Parse 'key=value[,key=value]': keys flops/params, values in (0, 1] or (0, 100]%."""
+        """Parse 'key=value[,key=value]' (keys in `KEYS`), values in (0, 1] or (0, 100]%."""
         if not isinstance(text, str):
             raise UserError(f"a budget is a string like flops=0.4, got {type(text).__name__}")
         if not text.strip():
@@ -44,11 +51,16 @@ class Budget:
                 raise UserError(f"budget item {item.strip()!r} in {text.strip()!r} is not "
                                 f"key=value (e.g. flops=0.4)")
             if key not in KEYS:
-                raise UserError(f"unknown budget key {key!r}; use {' or '.join(KEYS)}")
+                raise UserError(f"unknown budget key {key!r}; use {', '.join(KEYS)}")
             if key in limits:
                 raise UserError(f"budget key {key!r} given twice in {text.strip()!r}")
             limits[key] = _parse_value(key, raw)
         return cls({k: limits[k] for k in KEYS if k in limits})
+
+    @property
+    def structured(self) -> bool:
+        """True when only whole-channel pruning can meet it (a `flops=` limit below 1)."""
+        return any(self.limits.get(k, 1.0) < 1.0 for k in STRUCTURED_KEYS)
 
     def violation(self, fracs: dict[str, float]) -> float:
         """max over limited keys of (fraction - limit): <= 0 means the budget is met."""

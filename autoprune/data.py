@@ -21,11 +21,15 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .imagefolder import FolderData
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,22 @@ DATASETS = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, False, "FashionMNIST/raw"),
     "cifar10": DatasetInfo("cifar10", 3, 32, 10, True, "cifar-10-batches-py"),
     "cifar100": DatasetInfo("cifar100", 3, 32, 100, True, "cifar-100-python"),
-    "imagenet": DatasetInfo("imagenet", 3, 224, 1000, True, "imagenet/train"),
+    "imagenet": DatasetInfo("imagenet", 3, 224, 1000, True, "imagenet"),
 }
+# Streamed from disk (imagefolder.py), never loaded into memory as a whole.
+STREAMED = {"imagenet"}
+FOLDER_PREFIX = "imagefolder:"
+FOLDER_OPTIONS = ("image_size", "mean", "std", "num_workers")  # a study's data: keys for folders
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    if name.startswith(FOLDER_PREFIX) and name[len(FOLDER_PREFIX):].strip():
+        return DatasetInfo(name, 3, 224, 0, True, name[len(FOLDER_PREFIX):])
     try:
         return DATASETS[name]
     except KeyError:
-        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}") from None
+        raise UserError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or "
+                        f"{FOLDER_PREFIX}PATH") from None
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path:
@@ -84,6 +95,20 @@ class TensorData:
     @property
     def device(self) -> torch.device:
         return self.train_x.device
+
+    @property
+    def train_size(self) -> int:
+        return self.train_x.shape[0]
+
+    def split_size(self, split: str) -> int:
+        return getattr(self, f"{split}_x").shape[0]
+
+    def eval_batches(self, split: str, batch_size: int = 1024
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`split` ('val' or 'test') in order, as slices (the interface `FolderData` shares)."""
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
 
     def example(self) -> torch.Tensor:
         """One input, for tracing and counting."""
@@ -279,11 +304,6 @@ def _load_raw(info: DatasetInfo, root: Path, download: bool):
         # scikit-learn ships no test split: hold out a fixed 20 %, the same for every seed.
         tx, ty, sx, sy = _split(x, y, 0.2, seed=0)
         return tx, ty, sx, sy
-    if info.name == "imagenet":
-        if not (root / info.folder).exists():
-            raise _missing(info, root)
-        raise UserError("imagenet does not fit in memory: this version trains only on in-memory "
-                        "datasets; bring a dense checkpoint and a streaming loader via the API")
     import torchvision.datasets as tvd
 
     if info.name in ("mnist", "fashion-mnist"):
@@ -313,12 +333,18 @@ def _load_raw(info: DatasetInfo, root: Path, download: bool):
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
                  seed: int = 0, device: torch.device | str | None = None,
-                 download: bool = False) -> TensorData:
+                 download: bool = False, options: dict | None = None) -> TensorData | FolderData:
     """Load `name` into memory, carve a seeded validation split from training, normalise.
 
     The split depends only on `seed`, so every trial of a study sees the same validation set.
+    `imagefolder:PATH` and `imagenet` (`<root>/imagenet/{train,val}`) are streamed from disk
+    instead (`FolderData`); `options` are then `FOLDER_OPTIONS` (image size, normalisation,
+    loader workers). A relative PATH is taken under the data root, which every node resolves
+    the same way.
     """
     info = dataset_info(name)
+    if name.startswith(FOLDER_PREFIX) or name in STREAMED:
+        return _load_folder(info, data_root(root), val_fraction, seed, device, options or {})
     train_x, train_y, test_x, test_y = _load_raw(info, data_root(root), download)
     # Statistics of the whole training set, so normalisation does not depend on the split seed.
     train_x, test_x = _normalise(train_x, test_x)
@@ -327,3 +353,19 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, val_fracti
     if device is not None:
         data = data.to(device)
     return data
+
+
+def _load_folder(info: DatasetInfo, root: Path, val_fraction: float, seed: int,
+                 device: torch.device | str | None, options: dict) -> FolderData:
+    from .imagefolder import FolderData, FolderSpec
+
+    path = Path(info.folder).expanduser()
+    path = path if path.is_absolute() else root / path
+    if info.name in STREAMED and not path.exists():
+        raise _missing(info, root)
+    size = options.get("image_size", info.image_size)
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()
+            if k in FOLDER_OPTIONS}
+    data = FolderData(FolderSpec(path=path, val_fraction=val_fraction, seed=seed,
+                                 **{**opts, "image_size": size}), device or "cpu")
+    return data  # classes come from the folder (a stand-in may hold fewer)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .data import TensorData
-from .engine import evaluate, train
+from .engine import evaluate_split, train
 from .errors import UserError
 from .study import Study
 
@@ -63,14 +63,14 @@ def dense_baseline(study: Study, model: nn.Module, data: TensorData, cache_dir: 
         model.load_state_dict(load_state(checkpoint, model))
         model.to(data.device)
         return {"path": str(checkpoint), "key": "user-checkpoint", "epochs": 0,
-                "val_accuracy": evaluate(model, data.val_x, data.val_y),
-                "test_accuracy": evaluate(model, data.test_x, data.test_y)}
+                "val_accuracy": evaluate_split(model, data, "val"),
+                "test_accuracy": evaluate_split(model, data, "test")}
     key = config_hash({**study.key_config(), "seed": seed})
     if study.objects is not None and not study.objects.train_dense:
         model.to(data.device)
         return {"path": None, "key": f"given-module-{key}", "epochs": 0,
-                "val_accuracy": evaluate(model, data.val_x, data.val_y),
-                "test_accuracy": evaluate(model, data.test_x, data.test_y)}
+                "val_accuracy": evaluate_split(model, data, "val"),
+                "test_accuracy": evaluate_split(model, data, "test")}
     path = Path(cache_dir) / f"{study.name}-{key}.pt"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
@@ -82,8 +82,8 @@ def dense_baseline(study: Study, model: nn.Module, data: TensorData, cache_dir: 
           on_epoch=lambda r: log(f"  dense epoch {r['epoch'] + 1}: loss {r['loss']:.4f} "
                                  f"val {r['val_accuracy']:.4f}"))
     record = {"path": str(path), "key": key, "epochs": study.dense.epochs,
-              "val_accuracy": evaluate(model, data.val_x, data.val_y),
-              "test_accuracy": evaluate(model, data.test_x, data.test_y)}
+              "val_accuracy": evaluate_split(model, data, "val"),
+              "test_accuracy": evaluate_split(model, data, "test")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)

@@ -170,7 +170,7 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
     model = prepare(model, device)
     gen = seed_everything(seed)
     optimizer = make_optimizer(model, recipe)
-    n = data.train_x.shape[0]
+    n = data.train_size
     steps_per_epoch = max(1, math.ceil(n / recipe.batch_size))
     n_steps = total_steps(recipe.epochs, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
@@ -214,12 +214,27 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
             h.on_epoch_end(epoch, model)
         record = {"epoch": epoch, "loss": mean_loss,
                   "lr": lr_at(recipe, cycle_progress(step, n_steps, restarts)),
-                  "val_accuracy": evaluate(model, data.val_x, data.val_y)}
+                  "val_accuracy": evaluate_split(model, data, "val")}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         epoch += 1
     return history
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, data, split: str) -> float:
+    """Top-1 accuracy on a split of in-memory or streamed data (`data.eval_batches`)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in data.eval_batches(split):
+        with _autocast(x.device):
+            logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.shape[0]
+    model.train(was_training)
+    return correct / max(total, 1)
 
 
 @torch.no_grad()

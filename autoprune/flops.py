@@ -43,15 +43,37 @@ class LayerCount:
 class Counts:
     """Totals of a model, with the dense reference they are measured against."""
 
-    macs: float
-    params: int
+    macs: float  # MACs of nonzero weights (the papers' sparse count)
+    params: int  # nonzero parameters, biases and BatchNorm included
     dense_macs: int
     dense_params: int
     layers: dict[str, LayerCount]
+    compact_macs: float = 0.0  # MACs once dead channels are removed (what dense hardware runs)
+    compact_params: int = 0  # parameters of that compacted model
 
     @property
     def flops_frac(self) -> float:
         return self.macs / self.dense_macs
+
+    @property
+    def sparse_flops_frac(self) -> float:
+        """MACs of nonzero weights / dense MACs: the ADMM and multi-granularity papers' FLOPs."""
+        return self.macs / self.dense_macs
+
+    @property
+    def compact_flops_frac(self) -> float:
+        """MACs of the compacted model / dense MACs: Torch-Pruning's, NNI's and NNCF's FLOPs."""
+        return self.compact_macs / self.dense_macs
+
+    @property
+    def weights_frac(self) -> float:
+        """Nonzero conv/linear weights / all of them (the ADMM paper's 71.2x is 1/0.01405)."""
+        return 1.0 / self.weight_compression
+
+    def fractions(self) -> dict[str, float]:
+        """The four kept fractions, keyed as budget kinds are (see `budget.KEYS`)."""
+        return {"flops": self.compact_flops_frac, "sparse_flops": self.sparse_flops_frac,
+                "params": self.params_frac, "weights": self.weights_frac}
 
     @property
     def params_frac(self) -> float:
@@ -118,7 +140,13 @@ class Accountant:
             macs += lm
             layers[name] = LayerCount(name, self.layer_macs[name], lm, numel, nz)
         n_params = sum(int(m.sum()) for m in eff.values())
-        return Counts(macs, n_params, self.dense_macs, self.dense_params, layers)
+        struct = self.graph.effective_masks(params, structural=True)
+        c_macs = float(self.fixed_macs) + sum(
+            self.layer_macs[n] * int(struct[f"{n}.weight"].sum()) / struct[f"{n}.weight"].numel()
+            for n in self.graph.layers)
+        c_params = sum(int(m.sum()) for m in struct.values())
+        return Counts(macs, n_params, self.dense_macs, self.dense_params, layers, c_macs,
+                      c_params)
 
 
 def count_dense(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:

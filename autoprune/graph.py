@@ -79,14 +79,17 @@ class ChannelGraph:
             out[g.root] = ~alive if g.removable else torch.zeros(g.size, dtype=torch.bool)
         return out
 
-    def effective_masks(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def effective_masks(self, params: dict[str, torch.Tensor],
+                        structural: bool = False) -> dict[str, torch.Tensor]:
         """Which entries of every parameter the pruned model still has (bool, on CPU).
 
         A zero in a prunable layer's weight is pruned; a zero elsewhere (a BatchNorm beta at
         initialisation, say) is just a value. Dead channels take their producers' slices and the
         consumers' matching inputs with them: that is what the compacted model no longer has.
+        With `structural=True` only dead channels count as removed (zeros inside live channels
+        are kept): exactly the entries of the physically compacted model.
         """
-        weights = {f"{n}.weight" for n in self.layers}
+        weights = set() if structural else {f"{n}.weight" for n in self.layers}
         eff = {n: (p != 0).cpu() if n in weights else torch.ones(p.shape, dtype=torch.bool)
                for n, p in params.items()}
         dead = self.dead_channels(params)

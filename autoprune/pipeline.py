@@ -19,7 +19,7 @@ from torch import nn
 from .data import TensorData, load_dataset
 from .dense import dense_baseline
 from .device import default_device
-from .engine import Recipe, evaluate
+from .engine import Recipe, evaluate_split
 from .flops import Accountant, count_dense
 from .models import build_model
 from .pruning import get_method
@@ -54,7 +54,8 @@ class Workbench:
             data = study.objects.data.to(device)
         else:
             data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
-                                seed=seed, device=device, download=download)
+                                seed=seed, device=device, download=download,
+                                options=study.data_options)
         if study.train_subset:
             data = data.subset(train=study.train_subset)
         torch.manual_seed(seed)  # the dense model's initialisation is part of the study
@@ -123,8 +124,8 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
     c_macs, c_params = count_dense(compacted, wb.data.example())
     metrics = {
         "method": method,
-        "val_accuracy": evaluate(model, wb.data.val_x, wb.data.val_y),
-        "test_accuracy": evaluate(model, wb.data.test_x, wb.data.test_y),
+        "val_accuracy": evaluate_split(model, wb.data, "val"),
+        "test_accuracy": evaluate_split(model, wb.data, "test"),
         "dense_val_accuracy": wb.dense["val_accuracy"],
         "dense_test_accuracy": wb.dense["test_accuracy"],
         "flops": counts.macs, "params": counts.params,

@@ -26,14 +26,14 @@ from torch import nn
 
 from . import yamlio
 from .budget import Budget
-from .data import TensorData, from_tensors
+from .data import FOLDER_OPTIONS, TensorData, from_tensors
 from .engine import Recipe
 from .errors import UserError
 from .paths import STUDIES_DIR, resolve_yaml
 
 _KEYS = {"name", "description", "expects", "model", "dataset", "data", "dense", "prune",
          "finetune", "space", "budget", "trials", "allocation"}
-_DATA_KEYS = {"val_fraction", "train_subset", "download"}
+_DATA_KEYS = {"val_fraction", "train_subset", "download", *FOLDER_OPTIONS}
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Study:
     expects: str = ""
     val_fraction: float = 0.1
     train_subset: int | None = None  # first N training examples only (quick studies)
+    data_options: dict[str, Any] = field(default_factory=dict)  # image folders: size, norm, workers
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     # The user's own model and data (`Study.custom`); then `model` and `dataset` are labels.
@@ -62,8 +63,12 @@ class Study:
             return {"model": self.objects.key(), "dataset": {"name": self.dataset,
                                                              "sha256": self.objects.data_hash},
                     "train_subset": self.train_subset, "dense": self.dense.to_dict()}
-        return {"model": self.model, "dataset": self.dataset, "val_fraction": self.val_fraction,
-                "train_subset": self.train_subset, "dense": self.dense.to_dict()}
+        key = {"model": self.model, "dataset": self.dataset, "val_fraction": self.val_fraction,
+               "train_subset": self.train_subset, "dense": self.dense.to_dict()}
+        if self.data_options:  # only then, so the keys of existing caches stay as they were
+            key["data_options"] = {k: v for k, v in sorted(self.data_options.items())
+                                   if k != "num_workers"}
+        return key
 
     def fingerprint(self) -> str:
         """A hash of everything a pruning run reads from the study (the dense baseline's key,
@@ -389,10 +394,30 @@ def study_from_dict(d: Any, source: str = "<dict>") -> Study:
     sub = data.get("train_subset")
     if sub is not None and (not isinstance(sub, int) or sub < 1):
         raise UserError(f"{source}: 'data.train_subset' must be a positive integer")
+    options = _folder_options(data, source)
     name = d.get("name") or Path(source).stem
     return Study(name=str(name), model=d["model"], dataset=d["dataset"], dense=recipes["dense"],
                  prune=recipes["prune"], finetune=recipes["finetune"],
                  space=str(d.get("space", "default")), budget=str(d.get("budget", "flops=0.4")),
                  trials=trials, description=str(d.get("description", "")),
                  expects=str(d.get("expects", "")), val_fraction=float(vf), train_subset=sub,
-                 source=source, raw=d)
+                 data_options=options, source=source, raw=d)
+
+
+def _folder_options(data: dict, source: str) -> dict[str, Any]:
+    """The image-folder keys of a study's `data:` mapping, checked (see data.FOLDER_OPTIONS)."""
+    out = {k: data[k] for k in FOLDER_OPTIONS if k in data}
+    for k in ("image_size", "num_workers"):
+        v = out.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                              or v < (1 if k == "image_size" else 0)):
+            raise UserError(f"{source}: 'data.{k}' must be a "
+                            f"{'positive' if k == 'image_size' else 'non-negative'} integer")
+    for k in ("mean", "std"):
+        v = out.get(k)
+        if v is not None and (not isinstance(v, list) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                or (k == "std" and min(v) <= 0)):
+            raise UserError(f"{source}: 'data.{k}' must be a list of 3 numbers (one per RGB "
+                            f"channel{', positive' if k == 'std' else ''})")
+    return {k: [float(x) for x in v] if isinstance(v, list) else v for k, v in out.items()}

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoprune.budget import Budget
+from autoprune.budget import KEYS, Budget
 from autoprune.errors import UserError
 
 
@@ -24,11 +24,22 @@ from autoprune.errors import UserError
     ("flops=1", {"flops": 1.0}),
     ("flops=100%", {"flops": 1.0}),
     ("flops=1e-3", {"flops": 0.001}),
+    ("weights=1.405%", {"weights": 0.01405}),
+    ("weights=0.00281,sparse_flops=0.05", {"sparse_flops": 0.05, "weights": 0.00281}),
+    ("params=0.3,weights=0.2,sparse_flops=0.5,flops=0.6",
+     {"flops": 0.6, "sparse_flops": 0.5, "params": 0.3, "weights": 0.2}),
 ])
 def test_parse_valid(text, limits):
     b = Budget.parse(text)
     assert b.limits == pytest.approx(limits, rel=1e-15)
-    assert list(b.limits) == [k for k in ("flops", "params") if k in limits]  # canonical order
+    assert list(b.limits) == [k for k in KEYS if k in limits]  # canonical order
+
+
+def test_only_a_flops_limit_asks_for_structured_pruning():
+    assert Budget.parse("flops=0.4").structured
+    assert Budget.parse("flops=0.4,params=0.1").structured
+    assert not Budget.parse("sparse_flops=0.4,weights=0.01").structured
+    assert not Budget.parse("flops=1,params=0.1").structured
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -91,3 +91,57 @@ def test_residual_coupled_channel_dies_only_when_all_producers_are_zero():
     after = acc.count(model)
     assert after.layers["layer1.1.conv1"].macs == pytest.approx(
         acc.layer_macs["layer1.1.conv1"] * 15 / 16)
+
+
+def _kill_channels(model, graph, root: str, idxs: list[int]) -> None:
+    """Zero every producer of channels `idxs` of `root`'s group (filters, biases, BN)."""
+    group = graph.group_of[root]
+    with torch.no_grad():
+        for slot in group.producers:
+            p = model.get_parameter(slot.param)
+            sel = slot.target_idx[torch.isin(slot.root_idx, torch.tensor(idxs))]
+            idx = [slice(None)] * p.dim()
+            idx[slot.dim] = sel
+            p[tuple(idx)] = 0
+
+
+@pytest.mark.parametrize("name,shape,kills", [
+    ("lenet5", (1, 1, 28, 28), {"conv1": [0, 3, 7], "conv2": list(range(0, 50, 3)),
+                                "fc1": list(range(0, 500, 4))}),
+    ("resnet20", (1, 3, 32, 32), {"layer1.0.conv1": [1, 2, 5], "layer1.0.conv2": [0, 9],
+                                  "layer2.0.conv2": [4, 5, 6, 30]}),
+])
+def test_compact_counts_equal_physical_compaction(name, shape, kills):
+    """`flops=` budgets are judged on the compacted model: the counted fraction must be exact."""
+    from autoprune.pruning.compaction import compact
+
+    model = build_model(name, 10, shape[1], shape[-1]).eval()
+    x = torch.randn(*shape)
+    acc = Accountant(model, x)
+    for root, idxs in kills.items():
+        _kill_channels(model, acc.graph, root, idxs)
+    with torch.no_grad():  # scattered zeros inside live channels: sparse, not compactable
+        w = model.get_parameter(f"{acc.graph.output_layer}.weight")
+        w.view(-1)[::3] = 0
+    c = acc.count(model)
+    macs, params = count_dense(compact(model, x, acc.graph), x)
+    assert c.compact_macs == pytest.approx(macs)
+    assert c.compact_params == params
+    assert c.compact_flops_frac < 1.0
+    assert c.sparse_flops_frac < c.compact_flops_frac  # the scattered zeros count only there
+    fr = c.fractions()
+    assert set(fr) == {"flops", "sparse_flops", "params", "weights"}
+    assert fr["flops"] == pytest.approx(macs / acc.dense_macs)
+
+
+def test_unstructured_zeros_leave_compact_flops_whole():
+    model = build_model("lenet5")
+    acc = Accountant(model, torch.randn(1, 1, 28, 28))
+    with torch.no_grad():
+        for m in (model.conv1, model.conv2, model.fc1, model.fc2):
+            m.weight.view(-1)[::2] = 0  # half of every layer's weights, no channel emptied
+    c = acc.count(model)
+    assert c.compact_flops_frac == pytest.approx(1.0)
+    assert c.sparse_flops_frac == pytest.approx(0.5, abs=0.01)
+    assert c.weights_frac == pytest.approx(0.5, abs=0.01)
+    assert c.params_frac > c.weights_frac  # biases are kept

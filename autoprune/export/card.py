@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data import TensorData, load_dataset
-from ..engine import evaluate
+from ..engine import evaluate_split
 from ..errors import UserError
 from ..flops import Accountant, count_dense
 from ..models import build_model
@@ -134,12 +134,12 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
 
     if data is None:
         data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,
-                            device=device)
+                            device=device, options=study.data_options)
     exported = exported.to(data.device)
-    test_acc = evaluate(exported, data.test_x, data.test_y)
+    test_acc = evaluate_split(exported, data, "test")
     recorded = metrics.get("test_accuracy")
     tolerance = ACCURACY_TOLERANCE if data.device.type == "cpu" else max(
-        BF16_TOLERANCE, 1.0 / max(len(data.test_y), 1))
+        BF16_TOLERANCE, 1.0 / max(data.split_size("test"), 1))
     if recorded is not None and abs(test_acc - float(recorded)) > tolerance:
         raise UserError(f"exported model's test accuracy {test_acc:.6f} differs from the "
                         f"recorded {float(recorded):.6f} (export in {to} is not trustworthy)")
@@ -184,7 +184,7 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
                                                for p in exported.parameters())),
                      "removed_channels": {k: len(v) for k, v in removed.items()},
                      "accuracy_check": {"device": str(data.device), "tolerance": tolerance,
-                                        "test_examples": len(data.test_y)},
+                                        "test_examples": data.split_size("test")},
                      "onnx_exporter": exporter, "onnx_max_abs_diff": onnx_diff},
         "flops_unit": "multiply-accumulates of conv and linear layers",
         "latency_cpu": lat,

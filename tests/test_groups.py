@@ -106,6 +106,11 @@ def test_filter_targets_name_group_roots(resnet) -> None:
     with pytest.raises(UserError, match="fc"):
         ASFP(model, {"fc": 0.5}, g)
     ASFP(model, {STREAM2: 0.5, "layer2.1.conv1": 0.5}, g)  # roots are fine
+    # A zero target on a member or the logits means "leave it": accepted, and ignored.
+    pr = ADMM(_fresh(model), {"layer2.1.conv2": 0.0, "fc": 0.0, STREAM2: 0.25}, g,
+              granularity="filter")
+    assert set(pr.targets) == {STREAM2}
+    assert int(pr.final_masks()["layer2.1.bn2.weight"].eq(0).sum()) == 8
 
 
 # -- every filter method shrinks the residual streams ----------------------------------------

@@ -79,6 +79,8 @@ class Pruner(TrainHook):
                 raise UserError(f"target sparsity of {layer} must be in [0, 1), got {s}")
         if self.granularity == "filter":
             check_filter_targets(graph, self.targets)
+            units = set(graph.filter_units())  # zero targets elsewhere mean nothing: drop them
+            self.targets = {k: v for k, v in self.targets.items() if k in units}
 
     # -- what the runner needs -------------------------------------------------------------
     @property

@@ -189,8 +189,13 @@ class L0(Pruner):
         """|g_j|: weights per gate (a filter gate of a coupled group covers every member's row)."""
         if self.granularity != "filter":
             return 1
-        return sum(self.model.get_submodule(n).weight[0].numel()
-                   for n in self.graph.unit(layer).layers)
+        total = 0
+        for n in self.graph.unit(layer).layers:
+            mod = self.model.get_submodule(n)  # the raw weight's shape: no gate sample drawn
+            w = mod.parametrizations.weight.original if parametrize.is_parametrized(
+                mod, "weight") else mod.weight
+            total += w[0].numel()
+        return total
 
     def _members(self, layer: str) -> tuple[str, ...]:
         """Layers gated by `layer`'s gates: its channel group's members for filter gates."""

@@ -38,7 +38,7 @@ def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
             raise UserError(f"budget {key}={limit:g} cannot be met by {granularity} pruning of "
                             f"{wb.study.model}: the smallest reachable {key} fraction is "
                             f"{reach[key]:.4f}")
-    alloc = allocation or size_prior(table, wb.layers)
+    alloc = allocation or size_prior(table, wb.layers, granularity)
     return project(table, alloc, budget.limits, target, granularity, max_sparsity)
 
 

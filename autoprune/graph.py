@@ -13,6 +13,7 @@ leave the network's function unchanged, which is exactly when compaction removes
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,24 @@ class ChannelGroup:
         """True when several layers' outputs are tied (residual add, concat)."""
         return len(self.layers) > 1
 
+    def weight_slots(self) -> tuple[Slot, ...]:
+        """The member layers' weight slices (dim 0), in `layers` order."""
+        names = {f"{n}.weight" for n in self.layers}
+        return tuple(s for s in self.producers if s.param in names and s.dim == 0)
+
+    @property
+    def regular(self) -> bool:
+        """True when every member layer writes each group channel with exactly one row.
+
+        That holds for a single layer and for layers tied by residual adds; it is what joint
+        filter pruning needs (one keep vector of `size` entries masks every member alike).
+        """
+        for s in self.weight_slots():
+            if len(s.target_idx) != self.size or \
+                    not torch.equal(torch.sort(s.root_idx).values, torch.arange(self.size)):
+                return False
+        return len(self.weight_slots()) == len(self.layers)
+
 
 @dataclass
 class ChannelGraph:
@@ -56,15 +75,46 @@ class ChannelGraph:
     groups: list[ChannelGroup]
     output_layer: str | None
     group_of: dict[str, ChannelGroup] = field(default_factory=dict)  # layer -> its out group
+    by_root: dict[str, ChannelGroup] = field(default_factory=dict)  # root layer -> its group
+    _rows: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for g in self.groups:
+            self.by_root[g.root] = g
             for layer in g.layers:
                 self.group_of[layer] = g
 
     def free_layers(self) -> list[str]:
         """Layers whose filters can be removed on their own (not coupled, not the logits)."""
         return [n for n, g in self.group_of.items() if g.removable and not g.coupled]
+
+    def filter_units(self) -> list[str]:
+        """Roots of the channel groups filter pruning may shrink, in forward order of the root.
+
+        A filter target is keyed by its group's root layer: for an uncoupled layer that is the
+        layer itself (so these include `free_layers()`), for layers tied by residual adds one
+        member stands for all of them and a single keep vector masks every member's rows,
+        biases and BatchNorms (as SFP and Torch-Pruning's DepGraph prune such channels).
+        The logits layer's group and irregular groups (a member writing a channel twice or not
+        at all) are left out.
+        """
+        order = {n: i for i, n in enumerate(self.layers)}
+        roots = [g.root for g in self.groups if g.removable and g.regular]
+        return sorted(roots, key=lambda r: order.get(r, len(order)))
+
+    def unit(self, root: str) -> ChannelGroup:
+        """The channel group whose root layer is `root` (KeyError for a non-root)."""
+        return self.by_root[root]
+
+    def member_rows(self, root: str, layer: str) -> torch.Tensor:
+        """For member `layer` of `root`'s group: the group channel of each of its output rows."""
+        rows = self._rows.get((root, layer))
+        if rows is None:
+            slot = next(s for s in self.unit(root).weight_slots() if s.param == f"{layer}.weight")
+            rows = torch.empty(len(slot.target_idx), dtype=torch.long)
+            rows[slot.target_idx] = slot.root_idx
+            self._rows[(root, layer)] = rows
+        return rows
 
     def dead_channels(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per group root: a bool vector of channels whose producers are all zero."""
@@ -103,6 +153,97 @@ class ChannelGraph:
                 idx[s.dim] = sel
                 eff[s.param][tuple(idx)] = False
         return eff
+
+
+# -- joint filter pruning of a channel group: rows of every member layer, one vector --------
+def gather_rows(graph: ChannelGraph, root: str,
+                tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(size, D) matrix whose row c concatenates every member layer's row for channel c.
+
+    `tensors` maps each member layer to a tensor of its weight's shape (the weight, W + U, a
+    gate-folded weight...). For an uncoupled layer this is the weight flattened to rows, so a
+    filter projection or prox written for one weight applies unchanged to a coupled group:
+    the group's joint Euclidean projection is the projection of this matrix. Differentiable.
+    """
+    g = graph.unit(root)
+    parts = []
+    for layer in g.layers:
+        t = tensors[layer]
+        order = torch.argsort(graph.member_rows(root, layer)).to(t.device)
+        parts.append(t.flatten(1)[order] if t.dim() > 1 else t[order].unsqueeze(1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def scatter_rows(graph: ChannelGraph, root: str, mat: torch.Tensor,
+                 like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `gather_rows`: per member layer, a tensor shaped like `like[layer]`."""
+    out, start = {}, 0
+    for layer in graph.unit(root).layers:
+        ref = like[layer]
+        width = ref[0].numel() if ref.dim() > 1 else 1
+        rows = graph.member_rows(root, layer).to(mat.device)
+        out[layer] = mat[rows, start:start + width].reshape(ref.shape)
+        start += width
+    return out
+
+
+def group_scores(graph: ChannelGraph, root: str, tensors: Mapping[str, torch.Tensor],
+                 p: int = 2, reduction: str = "mean") -> torch.Tensor:
+    """Importance of each channel of `root`'s group from its member layers' rows.
+
+    Per member layer the Lp norm of the channel's row, then over the members: "mean" or "sum"
+    (Torch-Pruning's group importance reductions) or "joint" (the Lp norm of all the rows
+    together: what the group's Euclidean projection ranks by). For an uncoupled layer every
+    reduction equals `filter_scores(weight, p)`.
+    """
+    if reduction == "joint":
+        return gather_rows(graph, root, tensors).detach().norm(p=p, dim=1)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be mean, sum or joint, got {reduction!r}")
+    total = None
+    layers = graph.unit(root).layers
+    for layer in layers:
+        t = tensors[layer].detach()
+        norms = (t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)).norm(p=p, dim=1)
+        order = torch.argsort(graph.member_rows(root, layer)).to(t.device)
+        total = norms[order] if total is None else total + norms[order]
+    return total / len(layers) if reduction == "mean" else total
+
+
+def unit_scores(graph: ChannelGraph, model: nn.Module, roots: Iterable[str], p: int = 2,
+                reduction: str = "mean") -> dict[str, torch.Tensor]:
+    """`group_scores` of the model's current weights for each root in `roots`."""
+    out = {}
+    for root in roots:
+        layers = graph.unit(root).layers
+        out[root] = group_scores(graph, root, {n: model.get_submodule(n).weight for n in layers},
+                                 p, reduction)
+    return out
+
+
+def unit_weight(graph: ChannelGraph, model: nn.Module, root: str) -> torch.Tensor:
+    """The weights of `root`'s group as one tensor with a row per channel.
+
+    The root's own weight for an uncoupled layer (shape unchanged, no copy), else `gather_rows`
+    of the members' weights (differentiable): filter-level maths on dim 0 then acts on the
+    whole group at once.
+    """
+    layers = graph.unit(root).layers
+    if len(layers) == 1:
+        return model.get_submodule(layers[0]).weight
+    return gather_rows(graph, root, {n: model.get_submodule(n).weight for n in layers})
+
+
+@torch.no_grad()
+def zero_unit_rows(graph: ChannelGraph, model: nn.Module, root: str, keep: torch.Tensor) -> None:
+    """Zero (in place) the weight rows of channels `~keep` in every member of `root`'s group.
+
+    Weights only: biases and BatchNorms stay, as soft filter pruning wants (see asfp.py).
+    """
+    for layer in graph.unit(root).layers:
+        w = model.get_submodule(layer).weight
+        row_keep = keep.to(w.device)[graph.member_rows(root, layer).to(w.device)]
+        w.mul_(row_keep.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
 
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:

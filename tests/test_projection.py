@@ -85,8 +85,17 @@ def test_resnet_cost_table_sees_batchnorm_and_coupling(resnet56):
     assert inner.free and inner.extra_per_filter == 2  # BN gamma and beta, no conv bias
     assert t.layers["layer2.3.conv2"].inputs == (("layer2.3.conv1", 1),)
     assert not t.layers["layer2.3.conv2"].free and t.layers["layer2.3.conv2"].inputs
-    assert t.layers["layer2.4.conv1"].inputs == ()  # reads the coupled residual stream
-    assert len(t.candidates("filter")) == 27 and len(t.candidates("weight")) == 58
+    # The residual stream of a stage is one filter unit rooted at its shortcut conv: 9 conv2s
+    # and the shortcut write it (10 BNs: 20 entries per channel), the next blocks read it.
+    stream = t.units["layer2.0.shortcut.0"]
+    assert len(stream) == 10 and "layer2.8.conv2" in stream
+    assert t.layers["layer2.8.conv2"].unit == "layer2.0.shortcut.0"
+    assert t.layers["layer2.0.shortcut.0"].extra_per_filter == 20
+    assert t.layers["layer2.4.conv1"].inputs == (("layer2.0.shortcut.0", 1),)
+    # 27 inner convs + the 3 residual streams (the stem conv roots stage 1's); the logits never.
+    assert len(t.candidates("filter")) == 30 and len(t.candidates("weight")) == 58
+    assert {"conv1", "layer2.0.shortcut.0", "layer3.0.shortcut.0"} <= set(t.candidates("filter"))
+    assert "fc" not in t.candidates("filter") and "layer2.1.conv2" not in t.candidates("filter")
 
 
 def test_fractions_by_hand_on_lenet5(lenet5):
@@ -208,7 +217,9 @@ def test_min_reachable(lenet5, resnet56):
     assert f["flops"] == pytest.approx((14_400 + 1_600 + 5 * 16 + 10 * 5) / 2_293_000, abs=1e-15)
     r = min_reachable(resnet56.table, "filter")
     assert 0.0 < r["flops"] < 0.5 and 0.0 < r["params"] < 1.0
-    assert min_reachable(resnet56.table, "weight")["flops"] < r["flops"]
+    # With the residual streams prunable too, every conv keeps one channel of its rows and of
+    # its inputs: below the 1 % that weight pruning at 0.99 leaves (free layers alone: > 1 %).
+    assert r["flops"] < min_reachable(resnet56.table, "weight")["flops"]
     for gran in ("weight", "filter"):  # the caps themselves are what a real model measures
         caps = {n: resnet56.table.cap(n, gran, 0.99) for n in resnet56.table.candidates(gran)}
         assert resnet56.measure(caps, gran) == pytest.approx(min_reachable(resnet56.table, gran),

@@ -15,12 +15,16 @@ of tensors, using the project's one rounding rule (`n_pruned`), so a prediction 
 `Accountant.count` measures on a model masked with `weight_masks` / `filter_masks`: bit for bit
 for filter pruning; for weight pruning too, unless a whole output row of a layer without bias or
 BatchNorm happens to die, which can only lower the real count.
+
+Filter sparsities are keyed by channel-group root (`ChannelGraph.filter_units()`): an uncoupled
+layer is its own root; layers tied by residual adds form one unit, and a removed channel of it
+costs every member's output row, its BN/bias entries and every consumer's input columns.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..flops import Accountant
 from ..pruning.base import n_pruned
@@ -40,11 +44,13 @@ class LayerCost:
     weights: int  # weight tensor numel
     filters: int  # output channels (weight.shape[0])
     in_cols: int  # weight.shape[1]: input channels (conv) or input features (linear)
-    extra_per_filter: int  # bias + BatchNorm gamma/beta entries that die with one filter
+    extra_per_filter: int  # bias + BatchNorm entries of the whole group that die per channel
     free: bool  # filters removable on their own (graph.free_layers())
     prunable: bool  # in the table's prunable set (after the space's exclusions)
-    # free layers whose filters feed this layer's input columns: (producer, columns per channel)
+    # filter units (group roots) whose channels feed this layer's input columns:
+    # (root, columns per channel)
     inputs: tuple[tuple[str, int], ...] = ()
+    unit: str = ""  # root of the filter unit whose channels are this layer's rows ("" if none)
 
     @property
     def kernel(self) -> int:
@@ -60,6 +66,7 @@ class CostTable:
     fixed_macs: int
     dense_macs: int
     dense_params: int
+    units: dict[str, tuple[str, ...]] = field(default_factory=dict)  # root -> member layers
 
     @classmethod
     def from_accountant(cls, acc: Accountant, layers: list[str] | None = None) -> CostTable:
@@ -70,20 +77,20 @@ class CostTable:
         if unknown:
             raise ValueError(f"layers not in the model: {', '.join(sorted(unknown))}")
         free = set(graph.free_layers())
+        units = {r: graph.unit(r).layers for r in graph.filter_units()}
+        unit_of = {n: r for r, members in units.items() for n in members}
         weight_params = {f"{n}.weight" for n in graph.layers}
-        # Which free layer's filters feed which layer's input columns (a consumer slot).
+        # Which unit's channels feed which layer's input columns (a consumer slot).
         inputs: dict[str, dict[str, int]] = {n: {} for n in graph.layers}
-        for g in graph.groups:
-            if len(g.layers) != 1 or g.layers[0] not in free:
-                continue  # coupled channels are never removed by filter pruning
-            producer = g.layers[0]
+        for root in units:
+            g = graph.unit(root)
             for slot in g.consumers:
                 consumer = slot.param.rsplit(".", 1)[0]
                 if slot.param not in weight_params or slot.dim != 1:
                     continue
                 # flatten -> linear maps one channel to H*W columns; conv -> conv to one
                 per_channel = len(slot.target_idx) // g.size
-                inputs[consumer][producer] = inputs[consumer].get(producer, 0) + per_channel
+                inputs[consumer][root] = inputs[consumer].get(root, 0) + per_channel
         table: dict[str, LayerCost] = {}
         for name, module in graph.layers.items():
             w = module.weight
@@ -94,14 +101,18 @@ class CostTable:
                 name=name, macs=int(acc.layer_macs[name]), weights=w.numel(),
                 filters=int(w.shape[0]), in_cols=int(w.shape[1]) if w.dim() > 1 else 1,
                 extra_per_filter=int(extra), free=name in free, prunable=name in prunable,
-                inputs=tuple(inputs[name].items()))
-        return cls(table, int(acc.fixed_macs), int(acc.dense_macs), int(acc.dense_params))
+                inputs=tuple(inputs[name].items()), unit=unit_of.get(name, ""))
+        return cls(table, int(acc.fixed_macs), int(acc.dense_macs), int(acc.dense_params),
+                   units)
 
     def candidates(self, granularity: str) -> list[str]:
-        """Layers a granularity may prune: all prunable ones, or only free ones for filters."""
+        """What a granularity may prune: prunable layers, or for filters the roots of units
+        whose members are all prunable (excluding one member of a group protects the group)."""
         _check_granularity(granularity)
-        return [n for n, c in self.layers.items()
-                if c.prunable and (granularity == "weight" or c.free)]
+        if granularity == "weight":
+            return [n for n, c in self.layers.items() if c.prunable]
+        return [r for r, members in self.units.items()
+                if all(self.layers[n].prunable for n in members)]
 
     def cap(self, layer: str, granularity: str, max_sparsity: float) -> float:
         """Highest usable sparsity of a layer: max_sparsity, but at least one weight/filter kept."""
@@ -139,13 +150,15 @@ def fractions(table: CostTable, sparsities: dict[str, float],
             macs += c.macs * kept / c.weights
             removed += c.weights - kept
     else:
-        dead = {n: n_pruned(c.filters, sparsities.get(n, 0.0)) for n, c in table.layers.items()}
+        # Removed channels per unit; every member loses those rows, every consumer the columns.
+        dead = {r: n_pruned(table.layers[r].filters, sparsities.get(r, 0.0)) for r in table.units}
         for name, c in table.layers.items():
-            rows = c.filters - dead[name]
+            d = dead.get(c.unit, 0)
+            rows = c.filters - d
             cols = c.in_cols - sum(per * dead[p] for p, per in c.inputs)
             kept = rows * cols * c.kernel
             macs += c.macs * kept / c.weights
-            removed += c.weights - kept + dead[name] * c.extra_per_filter
+            removed += c.weights - kept + (d * c.extra_per_filter if name == c.unit else 0)
     return {"flops": macs / table.dense_macs,
             "params": (table.dense_params - removed) / table.dense_params}
 
@@ -166,18 +179,26 @@ def _ratio(fracs: dict[str, float], limits: dict[str, float]) -> float:
     return max(fracs[k] / v for k, v in limits.items())
 
 
-def size_prior(table: CostTable, layers: list[str] | None = None) -> dict[str, float]:
+def size_prior(table: CostTable, layers: list[str] | None = None,
+               granularity: str = "weight") -> dict[str, float]:
     """Per-layer preference from size alone: larger layers are pruned harder.
 
     logit(p_l) = 0.5 * (log weights_l - mean log weights): on LeNet-5 this gives the shape of
     the ADMM paper's hand-set ratios (conv1 least, fc1 most) without hand-setting anything.
     It is the default split of a budget (`autoprune prune`) and the centre the search's
-    sampled allocation moves around (`with_prior`).
+    sampled allocation moves around (`with_prior`). For filter granularity the preferences are
+    those of the unit roots, each sized by all its member layers.
     """
-    names = [n for n in (layers if layers is not None else table.layers) if n in table.layers]
+    names = [n for n in (layers if layers is not None else table.layers) if n in table.layers
+             and (granularity == "weight" or n in table.units)]
     if not names:
         return {}
-    logs = {n: math.log(table.layers[n].weights) for n in names}
+
+    def size(n: str) -> int:  # a filter unit's size is that of all its member layers
+        members = table.units[n] if granularity == "filter" else (n,)
+        return sum(table.layers[m].weights for m in members)
+
+    logs = {n: math.log(size(n)) for n in names}
     mean = sum(logs.values()) / len(logs)
     return {n: _sigmoid(0.5 * (v - mean)) for n, v in logs.items()}
 
@@ -199,8 +220,9 @@ def project(table: CostTable, allocation: dict[str, float], limits: dict[str, fl
     """Per-layer sparsities following `allocation` whose cost is just within target * limits.
 
     Layers missing from `allocation`, not prunable in the table, or (for filter pruning) not
-    free stay dense and are left out of the result. If even the caps everywhere cannot reach the
-    target, the capped allocation is returned: check `min_reachable` first to refuse a budget.
+    unit roots stay dense and are left out of the result. If even the caps everywhere cannot
+    reach the target, the capped allocation is returned: check `min_reachable` first to refuse
+    a budget.
     """
     _check_granularity(granularity)
     if not 0.0 < target <= 1.0:

@@ -165,7 +165,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     table = CostTable.from_accountant(wb.accountant)
     allocation = plan.allocation
     if space.prior == "size":
-        allocation = with_prior(allocation, size_prior(table, list(allocation)))
+        allocation = with_prior(allocation, size_prior(table, list(allocation), gran))
     target = reachable_target(plan.target, space.target_floor, table, budget.limits, gran,
                               space.max_sparsity)
     targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)

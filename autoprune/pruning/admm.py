@@ -7,7 +7,8 @@ network itself is trained by ordinary SGD/Adam. One ADMM iteration is
 * W-step: `epochs_per_iter` epochs of training on f(W) + sum_i rho/2 ||W_i - Z_i + U_i||_F^2
   (the `penalty` hook; biases are not constrained);
 * Z-step: Z_i = proj(W_i + U_i) onto the sparsity set of layer i (keep the largest entries, or
-  the largest-norm whole filters for granularity "filter");
+  the largest-norm whole filters for granularity "filter", where i is a channel group and W_i
+  the rows of all its member layers, `graph.unit_weight`: coupled layers share one mask);
 * U-step: U_i += W_i - Z_i (scaled dual ascent).
 
 Z^0 = proj(W^0), U^0 = 0. Afterwards W is hard-pruned by magnitude to the same per-layer targets
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from ..engine import total_steps
-from ..graph import ChannelGraph
+from ..graph import ChannelGraph, unit_scores, unit_weight
 from .base import (
     Masks,
     Pruner,
@@ -133,7 +134,7 @@ class ADMM(Pruner):
                                                          "(paper: ~4.2 on MNIST)",
                                     search=(0.2, 0.5))
         granularity: str = hp("weight", choices=("weight", "filter"),
-                              doc="sparsity set: single weights or whole filters (free layers)",
+                              doc="sparsity set: single weights or whole filters (channel groups)",
                               search_choices=("weight", "filter"))
 
     def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,
@@ -157,9 +158,8 @@ class ADMM(Pruner):
 
     def final_masks(self) -> Masks:
         """Hard prune of W itself (not Z) to the targets, as in the paper; exact counts."""
-        if self.granularity == "filter":
-            scores = {layer: filter_scores(self.model.get_submodule(layer).weight)
-                      for layer in self.targets}
+        if self.granularity == "filter":  # per group root, jointly over coupled layers
+            scores = unit_scores(self.graph, self.model, self.targets, reduction="joint")
             return filter_masks(self.graph, self.model, self.targets, scores)
         return weight_masks(self.model, self.targets)
 
@@ -178,6 +178,12 @@ class ADMM(Pruner):
         return [layer for layer, s in self.targets.items()
                 if n_pruned(self._units(layer), s) > 0]
 
+    def _weight(self, model: nn.Module, layer: str) -> torch.Tensor:
+        """What W_i is: a layer's weight, or for filters its group's rows (`unit_weight`)."""
+        if self.granularity == "filter":
+            return unit_weight(self.graph, model, layer)
+        return model.get_submodule(layer).weight
+
     def _units(self, layer: str) -> int:
         w = self.model.get_submodule(layer).weight
         return w.shape[0] if self.granularity == "filter" else w.numel()
@@ -193,7 +199,7 @@ class ADMM(Pruner):
         self._boundaries = iteration_boundaries(p.admm_iters, total_steps(epochs, steps_per_epoch))
         self.Z, self.U = {}, {}
         for layer in self._layers():
-            w = model.get_submodule(layer).weight.detach()
+            w = self._weight(model, layer).detach()
             self.init_state(layer, w)
             self.Z[layer] = self.z_step(layer, w.clone())
             self.U[layer] = torch.zeros_like(w)
@@ -206,7 +212,7 @@ class ADMM(Pruner):
         """W-step term: sum_i rho/2 ||W_i - Z_i + U_i||_F^2 (Z and U are constants here)."""
         total = None
         for layer, z in self.Z.items():
-            w = model.get_submodule(layer).weight
+            w = self._weight(model, layer)
             term = (w - z + self.U[layer]).pow(2).sum()
             total = term if total is None else total + term
         return None if total is None else 0.5 * self.rho * total
@@ -221,7 +227,7 @@ class ADMM(Pruner):
     def admm_update(self, model: nn.Module) -> None:
         """End of one ADMM iteration: Z-step, U-step, then the rho schedule."""
         for layer in self.Z:
-            w = model.get_submodule(layer).weight.detach()
+            w = self._weight(model, layer).detach()
             v = w + self.U[layer]
             z = self.z_step(layer, v)
             self.Z[layer] = z

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..graph import ChannelGraph, unit_scores, zero_unit_rows
 from .base import Masks, Pruner, filter_masks, filter_scores, hp, n_pruned, register, topk_mask
 
 
@@ -56,6 +57,15 @@ def zero_filters(weight: torch.Tensor, rate: float, p: int = 2) -> torch.Tensor:
     keep = topk_mask(filter_scores(weight, p), rate)
     weight.mul_(keep.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1))))
     return keep.bool()
+
+
+def zero_unit(graph: ChannelGraph, model: nn.Module, root: str, rate: float,
+              p: int = 2) -> torch.Tensor:
+    """`zero_filters` for the channel group of `root`: one ranking (mean of the members' Lp
+    row norms), the same channels zeroed in every member layer; returns the keep vector."""
+    keep = topk_mask(unit_scores(graph, model, [root], p)[root], rate).bool()
+    zero_unit_rows(graph, model, root, keep)
+    return keep
 
 
 @register
@@ -111,7 +121,7 @@ class ASFP(Pruner):
     def soft_prune(self, epoch: float) -> dict[str, torch.Tensor]:
         """Zero each layer's lowest-norm filters at the rate of `epoch`; return the keep masks."""
         self.rates = {layer: self.rate(layer, epoch) for layer in self._layers()}
-        return {layer: zero_filters(self.model.get_submodule(layer).weight, r, self.params.norm)
+        return {layer: zero_unit(self.graph, self.model, layer, r, self.params.norm)
                 for layer, r in self.rates.items()}
 
     # -- training hooks ----------------------------------------------------------------------
@@ -131,6 +141,5 @@ class ASFP(Pruner):
 
     def final_masks(self) -> Masks:
         """Hard prune: the lowest-norm filters at the final rate, whole channels (bias, BN)."""
-        scores = {layer: filter_scores(self.model.get_submodule(layer).weight, self.params.norm)
-                  for layer in self.targets}
+        scores = unit_scores(self.graph, self.model, self.targets, self.params.norm)
         return filter_masks(self.graph, self.model, self.targets, scores)

@@ -9,9 +9,11 @@ Decorating it with `@register` is all it takes to make it usable by `prune` and 
 built-in search spaces are generated from the declared search ranges (`search_space()`), and
 `autoprune methods` shows its hyperparameters and its `differences` from the paper.
 
-Targets are per-layer *sparsities*: for `granularity == "weight"` the fraction of a layer's
-weights removed, for `"filter"` the fraction of its output filters removed (then only layers in
-`graph.free_layers()` may be targeted: their channels are not tied to others by a residual add).
+Targets are *sparsities*: for `granularity == "weight"` keyed by layer, the fraction of the
+layer's weights removed; for `"filter"` keyed by a channel group's *root* layer (one of
+`graph.filter_units()`), the fraction of the group's channels removed. For an uncoupled layer the
+root is the layer itself; for layers tied by residual adds one keep vector masks the rows,
+biases and BatchNorms of every member (`filter_masks`), scored jointly (`group_scores`).
 """
 
 from __future__ import annotations
@@ -111,11 +113,9 @@ class Pruner(TrainHook, abc.ABC):
             if not 0.0 <= s < 1.0:
                 raise UserError(f"target sparsity of {layer} must be in [0, 1), got {s}")
         if self.granularity == "filter":
-            bad = set(self.targets) - set(graph.free_layers())
-            bad = {b for b in bad if self.targets[b] > 0}
-            if bad:
-                raise UserError(f"filter pruning cannot target coupled or output layer(s): "
-                                f"{', '.join(sorted(bad))}")
+            check_filter_targets(graph, self.targets)
+            units = set(graph.filter_units())  # zero targets elsewhere mean nothing: drop them
+            self.targets = {k: v for k, v in self.targets.items() if k in units}
 
     # -- what the runner needs -------------------------------------------------------------
     @property
@@ -258,6 +258,19 @@ def filter_scores(weight: torch.Tensor, p: int = 2) -> torch.Tensor:
     return weight.detach().flatten(1).norm(p=p, dim=1)
 
 
+def check_filter_targets(graph: ChannelGraph, targets: dict[str, float]) -> None:
+    """Filter targets must name group roots (`graph.filter_units()`); a clear error otherwise."""
+    units = set(graph.filter_units())
+    for layer in sorted(t for t, s in targets.items() if s > 0 and t not in units):
+        g = graph.group_of.get(layer)
+        if g is not None and g.removable and g.root in units:
+            raise UserError(f"filter pruning: {layer} shares its channels with "
+                            f"{', '.join(n for n in g.layers if n != layer)}; target the "
+                            f"group by its root layer {g.root}")
+        raise UserError(f"filter pruning cannot target the output layer or an irregular "
+                        f"channel group: {layer}")
+
+
 def channel_masks(graph: ChannelGraph, params: dict[str, torch.Tensor], layer: str,
                   keep: torch.Tensor) -> Masks:
     """Masks zeroing the output channels `~keep` of `layer` and everything producing them.
@@ -280,13 +293,45 @@ def channel_masks(graph: ChannelGraph, params: dict[str, torch.Tensor], layer: s
 
 def filter_masks(graph: ChannelGraph, model: nn.Module, targets: dict[str, float],
                  scores: dict[str, torch.Tensor]) -> Masks:
-    """Per free layer, drop exactly `n_pruned(filters, target)` filters of lowest score."""
+    """Per group root, drop exactly `n_pruned(size, target)` channels of lowest score.
+
+    `targets` and `scores` are keyed by root (`graph.filter_units()`); `scores[root]` has one
+    entry per group channel (`unit_scores`, `group_scores`). The dropped channels lose every
+    member's weight rows, biases and BatchNorm entries: the whole group shrinks alike.
+    """
     params = dict(model.named_parameters())
     masks: Masks = {}
     for layer, s in targets.items():
         keep = topk_mask(scores[layer], s).bool()
         masks.update(channel_masks(graph, params, layer, keep))
     return masks
+
+
+def close_empty_channels(graph: ChannelGraph, params: dict[str, torch.Tensor],
+                         masks: Masks) -> Masks:
+    """`masks` plus the biases and BatchNorms of channels whose weight rows are all masked.
+
+    A channel whose every producing weight row is pruned still emits a constant (its bias, or
+    BN's beta - gamma * mean / std) unless those die too; masking them makes the channel dead,
+    so compaction removes it and the FLOPs accountant credits its consumers' inputs.
+    """
+    out = dict(masks)
+    for g in graph.groups:
+        if not g.removable:
+            continue
+        alive = torch.zeros(g.size, dtype=torch.bool)
+        for s in g.weight_slots():
+            m = masks.get(s.param)
+            if m is None:
+                alive[:] = True
+                break
+            nz = (m != 0).flatten(1).any(dim=1).cpu() if m.dim() > 1 else (m != 0).cpu()
+            alive[s.root_idx] |= nz[s.target_idx]
+        if bool(alive.all()):
+            continue
+        for name, m in channel_masks(graph, params, g.root, alive).items():
+            out[name] = out[name] * m if name in out else m
+    return out
 
 
 def weight_masks(model: nn.Module, targets: dict[str, float],

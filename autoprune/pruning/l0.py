@@ -10,7 +10,8 @@ deterministic ``clamp(sigmoid(log alpha) * (zeta - gamma) + gamma, 0, 1)``.
 Granularity: ``"weight"`` (default) gives every weight its own gate, as in Xie et al. 2019; their
 paper was not readable (only its abstract, METHODS.md section 3b), so this variant is a
 *reconstruction*: the Louizos machinery applied per weight. ``"filter"`` gates whole output
-filters/neurons, the structured setting of the reference code (free layers only).
+filters/neurons, the structured setting of the reference code; a target keyed by the root of a
+residual-coupled channel group gets one gate per group channel, shared by every member layer.
 
 Implementation notes (the *why*):
 
@@ -67,8 +68,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..graph import ChannelGraph
-from .base import Masks, Pruner, filter_masks, filter_scores, hp, n_pruned, register, weight_masks
+from ..graph import ChannelGraph, unit_scores
+from .base import Masks, Pruner, filter_masks, hp, n_pruned, register, weight_masks
 
 BETA = 2.0 / 3.0  # temperature of the binary concrete
 GAMMA = -0.1  # stretch interval (gamma, zeta), then clipped to [0, 1]
@@ -120,20 +121,36 @@ def rank_lexicographic(primary: torch.Tensor, secondary: torch.Tensor) -> torch.
 
 
 class HardConcreteGate(nn.Module):
-    """Parametrisation W -> W * z: sampled gates in train mode, deterministic ones in eval."""
+    """Parametrisation W -> W * z: sampled gates in train mode, deterministic ones in eval.
 
-    def __init__(self, log_alpha: nn.Parameter, weight_dim: int) -> None:
+    For a coupled channel group every member layer gets one of these around the same log alpha:
+    `rows` maps the member's output rows to group channels, and `shared` holds the step's one
+    training sample so all members see the same z (cleared by `L0.after_step`).
+    """
+
+    def __init__(self, log_alpha: nn.Parameter, weight_dim: int, rows: torch.Tensor | None = None,
+                 shared: dict | None = None) -> None:
         super().__init__()
         self._log_alpha = (log_alpha,)  # a tuple: not a parameter of the model (own optimiser)
         self.weight_dim = weight_dim
+        self.rows = rows
+        self.shared = shared
 
     @property
     def log_alpha(self) -> nn.Parameter:
         return self._log_alpha[0]
 
     def gate(self) -> torch.Tensor:
-        z = hard_concrete_sample(self.log_alpha) if self.training else \
-            deterministic_gate(self.log_alpha)
+        if not self.training:
+            z = deterministic_gate(self.log_alpha)
+        elif self.shared is None:
+            z = hard_concrete_sample(self.log_alpha)
+        else:
+            z = self.shared.get("z")
+            if z is None:
+                z = self.shared["z"] = hard_concrete_sample(self.log_alpha)
+        if self.rows is not None:
+            z = z[self.rows]
         if z.dim() == 1 and self.weight_dim > 1:  # one gate per output filter
             z = z.view(-1, *([1] * (self.weight_dim - 1)))
         return z
@@ -185,6 +202,7 @@ class L0(Pruner):
         self._scores: dict[str, torch.Tensor] = {}  # rank scores, set when gates are folded
         self.gate_optimizer: torch.optim.Adam | None = None
         self._weight_optimizer: torch.optim.Optimizer | None = None
+        self._shared: list[dict] = []  # per coupled filter group: the step's gate sample
 
     @property
     def granularity(self) -> str:
@@ -200,9 +218,32 @@ class L0(Pruner):
         return out
 
     def _group_size(self, layer: str) -> int:
-        """|g_j|: weights per gate."""
-        w = self.model.get_submodule(layer).weight
-        return w[0].numel() if self.granularity == "filter" else 1
+        """|g_j|: weights per gate (a filter gate of a coupled group covers every member's row)."""
+        if self.granularity != "filter":
+            return 1
+        total = 0
+        for n in self.graph.unit(layer).layers:
+            mod = self.model.get_submodule(n)  # the raw weight's shape: no gate sample drawn
+            w = mod.parametrizations.weight.original if parametrize.is_parametrized(
+                mod, "weight") else mod.weight
+            total += w[0].numel()
+        return total
+
+    def _members(self, layer: str) -> tuple[str, ...]:
+        """Layers gated by `layer`'s gates: its channel group's members for filter gates."""
+        return self.graph.unit(layer).layers if self.granularity == "filter" else (layer,)
+
+    def _install(self, model: nn.Module, layer: str) -> None:
+        """Parametrise the weights gated by `layer`'s log alpha (one sample per step if shared)."""
+        la, members = self.log_alpha[layer], self._members(layer)
+        shared = {} if len(members) > 1 else None
+        for name in members:
+            mod = model.get_submodule(name)
+            rows = None if shared is None else self.graph.member_rows(layer, name).to(la.device)
+            parametrize.register_parametrization(
+                mod, "weight", HardConcreteGate(la, mod.weight.dim(), rows, shared))
+        if shared is not None:
+            self._shared.append(shared)
 
     # -- training hooks ----------------------------------------------------------------------
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -219,8 +260,7 @@ class L0(Pruner):
             if layer not in self.log_alpha:
                 la = torch.empty(shape, device=w.device, dtype=torch.float32)
                 self.log_alpha[layer] = nn.Parameter(la.normal_(mean, 1e-2))
-            parametrize.register_parametrization(
-                mod, "weight", HardConcreteGate(self.log_alpha[layer], w.dim()))
+            self._install(model, layer)
         self._gate_count = max(1, sum(self.log_alpha[n].numel() * self._group_size(n)
                                       for n in self.log_alpha))
         self._weight_optimizer = optimizer
@@ -247,6 +287,8 @@ class L0(Pruner):
                 group["lr"] = self.params.gate_lr * scale
             self.gate_optimizer.step()
             self.gate_optimizer.zero_grad(set_to_none=True)
+        for shared in self._shared:
+            shared.clear()  # the next step draws a new sample
         for la in self.log_alpha.values():
             la.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
@@ -262,26 +304,34 @@ class L0(Pruner):
         Records the rank scores of every gated layer: folded magnitude first, log alpha next.
         """
         for layer, z in self.gates().items():
-            mod = self.model.get_submodule(layer)
-            if not parametrize.is_parametrized(mod, "weight"):
+            if not parametrize.is_parametrized(self.model.get_submodule(layer), "weight"):
                 continue
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-            w = mod.weight
-            zz = z.view(-1, *([1] * (w.dim() - 1))) if z.dim() == 1 and w.dim() > 1 else z
-            w.mul_(zz.to(w.dtype))
-            mag = filter_scores(w) if self.granularity == "filter" else w.detach().abs()
+            members = self._members(layer)
+            for name in members:
+                mod = self.model.get_submodule(name)
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+                w = mod.weight
+                zm = z if len(members) == 1 else z[self.graph.member_rows(layer, name).to(z.device)]
+                zz = zm.view(-1, *([1] * (w.dim() - 1))) if zm.dim() == 1 and w.dim() > 1 else zm
+                w.mul_(zz.to(w.dtype))
+            mag = self._magnitude(layer)
             self._scores[layer] = rank_lexicographic(mag, self.log_alpha[layer])
+
+    def _magnitude(self, layer: str) -> torch.Tensor:
+        """|W| per weight, or per filter / group channel the norm of all its (folded) rows."""
+        if self.granularity == "filter":
+            return unit_scores(self.graph, self.model, [layer], reduction="joint")[layer]
+        return self.model.get_submodule(layer).weight.detach().abs()
 
     def final_masks(self) -> Masks:
         """Fold the gates, then prune each layer to its target exactly by (|W z|, log alpha)."""
         self.fold_gates()
         scores = {}
         for layer in self.targets:
-            w = self.model.get_submodule(layer).weight
             if layer in self._scores:
                 scores[layer] = self._scores[layer]
             else:  # an ungated layer (zero target, or no gated training): plain magnitude
-                scores[layer] = filter_scores(w) if self.granularity == "filter" else w.abs()
+                scores[layer] = self._magnitude(layer)
         if self.granularity == "filter":
             return filter_masks(self.graph, self.model, self.targets, scores)
         return weight_masks(self.model, self.targets, scores)

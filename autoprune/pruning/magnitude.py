@@ -21,8 +21,8 @@ Differences from the papers:
   the ramp's last step; the phase then continues with the final masks fixed.
 * Li et al. prune filters layer by layer with retraining in between (or all at once, then
   retrain); one-shot here prunes every layer at once, then fine-tunes.
-* Filter granularity may target only layers whose channels no residual add couples to others
-  (`graph.free_layers()`); Li et al. handle ResNets' coupled layers specially.
+* Residual-coupled channels are ranked and removed as one group (the members' mean filter
+  norm); Li et al. prune ResNets' coupled layers specially (they leave the shortcut stream alone).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from ..engine import total_steps
+from ..graph import unit_scores
 from .base import (
     MaskHook,
     Masks,
     Pruner,
     filter_masks,
-    filter_scores,
     hp,
     register,
     weight_masks,
@@ -87,8 +87,8 @@ class Magnitude(Pruner):
     def masks_at(self, sparsities: dict[str, float]) -> Masks:
         """Magnitude masks of the current weights at the given per-layer sparsities."""
         if self.granularity == "filter":
-            scores = {layer: filter_scores(self.model.get_submodule(layer).weight,
-                                           self.params.norm) for layer in sparsities}
+            # one score per channel of each group (a residual stream's members ranked jointly)
+            scores = unit_scores(self.graph, self.model, sparsities, p=self.params.norm)
             return filter_masks(self.graph, self.model, sparsities, scores)
         return weight_masks(self.model, sparsities)
 

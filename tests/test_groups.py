@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from autoprune.search.projection import CostTable, fractions, project, size_prior
 from torch import nn
 
 from autoprune.data import TensorData, dataset_info
@@ -27,6 +26,7 @@ from autoprune.graph import (
     unit_weight,
 )
 from autoprune.models import build_model
+from autoprune.orchestration.projection import CostTable, fractions, project, size_prior
 from autoprune.pruning import get_method
 from autoprune.pruning.admm import ADMM
 from autoprune.pruning.asfp import ASFP

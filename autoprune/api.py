@@ -17,7 +17,7 @@ from .budget import Budget
 from .engine import Recipe
 from .errors import UserError
 from .orchestration.projection import CostTable, min_reachable, project, size_prior
-from .pipeline import Workbench, granularity_of, run_pruning
+from .pipeline import Workbench, budget_fractions, granularity_of, run_pruning
 from .pruning import get_method
 from .study import Study, load_study
 
@@ -35,9 +35,12 @@ def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
     reach = min_reachable(table, granularity, max_sparsity)
     for key, limit in budget.limits.items():
         if reach[key] > limit * target + 1e-12:
+            hint = (" (zeros inside channels save no MACs of the compacted model: prune filters, "
+                    "e.g. --set granularity=filter, or budget sparse_flops= instead)"
+                    if key == "flops" and granularity == "weight" else "")
             raise UserError(f"budget {key}={limit:g} cannot be met by {granularity} pruning of "
                             f"{wb.study.model}: the smallest reachable {key} fraction is "
-                            f"{reach[key]:.4f}")
+                            f"{reach[key]:.4f}{hint}")
     alloc = allocation or size_prior(table, wb.layers, granularity)
     return project(table, alloc, budget.limits, target, granularity, max_sparsity)
 
@@ -92,7 +95,7 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
                              on_epoch=lambda r: log.info(f"  {r['phase']} epoch {r['epoch'] + 1}: "
                                                     f"loss {r['loss']:.4f} "
                                                     f"val {r['val_accuracy']:.4f}"))
-    fracs = {"flops": metrics["flops_frac"], "params": metrics["params_frac"]}
+    fracs = budget_fractions(metrics)
     metrics.update(study=st.name, budget=str(b), params_set=params or {}, targets=targets,
                    within_budget=b.satisfied(fracs), dense_flops=wb.dense["flops"],
                    dense_params=wb.dense["params"])

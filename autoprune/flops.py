@@ -68,7 +68,8 @@ class Counts:
     @property
     def weights_frac(self) -> float:
         """Nonzero conv/linear weights / all of them (the ADMM paper's 71.2x is 1/0.01405)."""
-        return 1.0 / self.weight_compression
+        return (sum(lc.nonzero for lc in self.layers.values())
+                / sum(lc.weights for lc in self.layers.values()))
 
     def fractions(self) -> dict[str, float]:
         """The four kept fractions, keyed as budget kinds are (see `budget.KEYS`)."""
@@ -141,9 +142,10 @@ class Accountant:
             layers[name] = LayerCount(name, self.layer_macs[name], lm, numel, nz)
         n_params = sum(int(m.sum()) for m in eff.values())
         struct = self.graph.effective_masks(params, structural=True)
-        c_macs = float(self.fixed_macs) + sum(
-            self.layer_macs[n] * int(struct[f"{n}.weight"].sum()) / struct[f"{n}.weight"].numel()
-            for n in self.graph.layers)
+        c_macs = float(self.fixed_macs)  # summed in the order the projection predicts it
+        for n in self.graph.layers:
+            mask = struct[f"{n}.weight"]
+            c_macs += self.layer_macs[n] * int(mask.sum()) / mask.numel()
         c_params = sum(int(m.sum()) for m in struct.values())
         return Counts(macs, n_params, self.dense_macs, self.dense_params, layers, c_macs,
                       c_params)

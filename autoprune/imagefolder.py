@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -236,3 +236,24 @@ class FolderData:
             st = os.stat(p)
             h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()
+
+
+def folder_options(data: dict, source: str) -> dict[str, Any]:
+    """The image-folder keys of a study's `data:` mapping (`FOLDER_OPTIONS`), checked."""
+    from .data import FOLDER_OPTIONS
+
+    out = {k: data[k] for k in FOLDER_OPTIONS if k in data}
+    for k in ("image_size", "num_workers"):
+        v = out.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                              or v < (1 if k == "image_size" else 0)):
+            raise UserError(f"{source}: 'data.{k}' must be a "
+                            f"{'positive' if k == 'image_size' else 'non-negative'} integer")
+    for k in ("mean", "std"):
+        v = out.get(k)
+        if v is not None and (not isinstance(v, list) or len(v) != 3 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                or (k == "std" and min(v) <= 0)):
+            raise UserError(f"{source}: 'data.{k}' must be a list of 3 numbers (one per RGB "
+                            f"channel{', positive' if k == 'std' else ''})")
+    return {k: [float(x) for x in v] if isinstance(v, list) else v for k, v in out.items()}

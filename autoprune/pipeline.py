@@ -88,6 +88,12 @@ class Workbench:
         return list(self.accountant.graph.layers)
 
 
+def budget_fractions(metrics: dict[str, Any]) -> dict[str, float]:
+    """A run's kept fractions keyed by budget kind, as `Budget.violation` reads them."""
+    return {"flops": metrics["flops_frac"], "sparse_flops": metrics["sparse_flops_frac"],
+            "params": metrics["params_frac"], "weights": metrics["weights_frac"]}
+
+
 def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:
     """'weight' or 'filter': what a method with these hyperparameters prunes.
 
@@ -128,8 +134,11 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
         "test_accuracy": evaluate_split(model, wb.data, "test"),
         "dense_val_accuracy": wb.dense["val_accuracy"],
         "dense_test_accuracy": wb.dense["test_accuracy"],
-        "flops": counts.macs, "params": counts.params,
-        "flops_frac": counts.flops_frac, "params_frac": counts.params_frac,
+        "flops": counts.compact_macs, "params": counts.params,
+        # the four budget kinds (budget.py): flops_frac is the compacted model's
+        "flops_frac": counts.compact_flops_frac, "sparse_flops_frac": counts.sparse_flops_frac,
+        "params_frac": counts.params_frac, "weights_frac": counts.weights_frac,
+        # measured on the physically compacted copy: must agree with flops_frac
         "compact_flops_frac": c_macs / counts.dense_macs,
         "compact_params_frac": c_params / counts.dense_params,
         "weight_compression": counts.weight_compression,

@@ -28,6 +28,8 @@ class TrialRecord:
     params_frac: float
     test_accuracy: float | None = None
     compact_flops_frac: float | None = None
+    sparse_flops_frac: float | None = None  # MACs of nonzero weights (flops_frac: compacted)
+    weights_frac: float | None = None  # nonzero conv/linear weights
     run_id: str | None = None
     checkpoint: str | None = None
     hparams: str | None = None  # the method's hyperparameters as JSON text (as recorded)
@@ -41,13 +43,15 @@ class TrialRecord:
 
     # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study.
     OPTUNA_ATTRS: ClassVar[tuple[str, ...]] = (
-        "method", "test_accuracy", "compact_flops_frac", "checkpoint", "hparams", "granularity",
+        "method", "test_accuracy", "compact_flops_frac", "sparse_flops_frac", "weights_frac",
+        "checkpoint", "hparams", "granularity",
         "budget_violation", "node_id", "node_ip", "restored_from_checkpoint", "targets",
         "finetune_overrides")
     FAILED_ATTRS: ClassVar[tuple[str, ...]] = ("error", "node_id", "node_ip")
     # Numbers of a trial's final Tune result logged as its MLflow run's metrics.
     RESULT_METRICS: ClassVar[tuple[str, ...]] = (
-        "val_accuracy", "test_accuracy", "flops_frac", "params_frac", "compact_flops_frac",
+        "val_accuracy", "test_accuracy", "flops_frac", "sparse_flops_frac", "params_frac",
+        "weights_frac", "compact_flops_frac",
         "compact_params_frac", "flops", "params", "weight_compression", "budget_violation",
         "target", "dense_val_accuracy", "dense_test_accuracy", "restored_from_checkpoint")
 
@@ -61,6 +65,8 @@ class TrialRecord:
                    flops_frac=t.values[1], params_frac=t.values[2],
                    test_accuracy=attrs.get("test_accuracy"),
                    compact_flops_frac=attrs.get("compact_flops_frac"),
+                   sparse_flops_frac=attrs.get("sparse_flops_frac"),
+                   weights_frac=attrs.get("weights_frac"),
                    run_id=attrs.get("run_id"), checkpoint=attrs.get("checkpoint"),
                    hparams=attrs.get("hparams"), granularity=attrs.get("granularity"),
                    layer_sparsity=_json(attrs.get("targets")),
@@ -81,6 +87,7 @@ class TrialRecord:
         """The numbers of the trial's MLflow run (those the Optuna study keeps)."""
         extra = {"test_accuracy": self.test_accuracy,
                  "compact_flops_frac": self.compact_flops_frac,
+                 "sparse_flops_frac": self.sparse_flops_frac, "weights_frac": self.weights_frac,
                  "budget_violation": self.budget_violation}
         return {**self.objectives(), **{k: float(v) for k, v in extra.items()
                                         if isinstance(v, (int, float))}}

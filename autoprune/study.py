@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import sys
-import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from .budget import Budget
 from .data import FOLDER_OPTIONS, TensorData, from_tensors
 from .engine import Recipe
 from .errors import UserError
+from .imagefolder import folder_options
 from .paths import STUDIES_DIR, resolve_yaml
 
 _KEYS = {"name", "description", "expects", "model", "dataset", "data", "dense", "prune",
@@ -192,30 +192,12 @@ def _call_factory(factory: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def _ships_by_value(module_name: str) -> bool:
-    """Whether Ray workers may fail to import `module_name`, so its code must travel with the
-    pickled study: a script's folder, a test folder or a notebook helper is on the driver's
-    `sys.path` only. Installed packages and the standard library are importable everywhere;
-    `__main__` is pickled by value by cloudpickle already.
-    """
-    if module_name == "__main__" or module_name.split(".")[0] in ("torch", "autoprune"):
-        return False
-    module = sys.modules.get(module_name)
-    origin = getattr(module, "__file__", None)
-    if not origin:
-        return False  # built in, or not imported here: nothing to ship
-    path = Path(origin).resolve()
-    if {"site-packages", "dist-packages"} & set(path.parts):
-        return False
-    return not path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve())
-
-
 class UserObjects:
     """The model and data of a study made in Python (`Study.custom`), with their hashes.
 
     Hashes are taken once, here in the driver, so every Ray worker keys the dense baseline
     the same way. `by_value` names the modules of the model's code that Ray workers may not be
-    able to import (see `_ships_by_value` and `ship_by_value`).
+    able to import (see `models.ships_by_value` and `ship_by_value`).
     """
 
     def __init__(self, *, data: TensorData, module: nn.Module | None,
@@ -231,7 +213,7 @@ class UserObjects:
     def make(cls, model: Any, data: TensorData, train_dense: bool | None) -> UserObjects:
         """Check `model` against `data` and take the hashes (see `Study.custom`)."""
         from .graph import PRUNABLE_TYPES
-        from .models import architecture_hash, weights_hash
+        from .models import architecture_hash, ships_by_value, weights_hash
 
         if train_dense is not None and not isinstance(train_dense, bool):
             raise UserError(f"train_dense must be True or False, got {train_dense!r}")
@@ -271,7 +253,7 @@ class UserObjects:
                    weights=weights_hash(module) if module is not None else None,
                    n_params=sum(p.numel() for p in built.parameters()),
                    data_hash=data.fingerprint(),
-                   by_value=tuple(sorted(n for n in names if _ships_by_value(n))))
+                   by_value=tuple(sorted(n for n in names if ships_by_value(n))))
 
     def build(self) -> nn.Module:
         """A fresh model: a copy of the given module (its weights), or the factory's."""
@@ -394,7 +376,7 @@ def study_from_dict(d: Any, source: str = "<dict>") -> Study:
     sub = data.get("train_subset")
     if sub is not None and (not isinstance(sub, int) or sub < 1):
         raise UserError(f"{source}: 'data.train_subset' must be a positive integer")
-    options = _folder_options(data, source)
+    options = folder_options(data, source)
     name = d.get("name") or Path(source).stem
     return Study(name=str(name), model=d["model"], dataset=d["dataset"], dense=recipes["dense"],
                  prune=recipes["prune"], finetune=recipes["finetune"],
@@ -403,21 +385,3 @@ def study_from_dict(d: Any, source: str = "<dict>") -> Study:
                  expects=str(d.get("expects", "")), val_fraction=float(vf), train_subset=sub,
                  data_options=options, source=source, raw=d)
 
-
-def _folder_options(data: dict, source: str) -> dict[str, Any]:
-    """The image-folder keys of a study's `data:` mapping, checked (see data.FOLDER_OPTIONS)."""
-    out = {k: data[k] for k in FOLDER_OPTIONS if k in data}
-    for k in ("image_size", "num_workers"):
-        v = out.get(k)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool)
-                              or v < (1 if k == "image_size" else 0)):
-            raise UserError(f"{source}: 'data.{k}' must be a "
-                            f"{'positive' if k == 'image_size' else 'non-negative'} integer")
-    for k in ("mean", "std"):
-        v = out.get(k)
-        if v is not None and (not isinstance(v, list) or len(v) != 3 or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                or (k == "std" and min(v) <= 0)):
-            raise UserError(f"{source}: 'data.{k}' must be a list of 3 numbers (one per RGB "
-                            f"channel{', positive' if k == 'std' else ''})")
-    return {k: [float(x) for x in v] if isinstance(v, list) else v for k, v in out.items()}

@@ -33,11 +33,11 @@ class Bench:
             masks = filter_masks(self.acc.graph, model, sparsities, scores)
         apply_masks(model, masks)
         c = self.acc.count(model)
-        return {"flops": c.flops_frac, "params": c.params_frac}
+        return c.fractions()
 
     def one_step(self, granularity: str) -> dict[str, float]:
         """Largest cost of one more pruned weight/filter in any layer: the rounding resolution."""
-        worst = {"flops": 0.0, "params": 0.0}
+        worst = {"flops": 0.0, "sparse_flops": 0.0, "params": 0.0, "weights": 0.0}
         for n in self.table.candidates(granularity):
             c = self.table.layers[n]
             unit = 1 / (c.weights if granularity == "weight" else c.filters)
@@ -106,9 +106,14 @@ def test_fractions_by_hand_on_lenet5(lenet5):
     assert f["params"] == (431_080 - 250 - 10 - 12_500) / 431_080
     # weight: half of conv2's weights
     w = fractions(t, {"conv2": 0.5}, "weight")
-    assert w["flops"] == (288_000 + 800_000 + 400_000 + 5_000) / 2_293_000
+    assert w["sparse_flops"] == (288_000 + 800_000 + 400_000 + 5_000) / 2_293_000
+    assert w["flops"] == 1.0  # zeros inside live channels: the compacted model is dense
     assert w["params"] == (431_080 - 12_500) / 431_080
-    assert fractions(t, {}, "weight") == {"flops": 1.0, "params": 1.0}
+    assert w["weights"] == (430_500 - 12_500) / 430_500
+    assert f["flops"] == f["sparse_flops"]
+    assert f["weights"] == (430_500 - 250 - 12_500) / 430_500
+    assert fractions(t, {}, "weight") == dict.fromkeys(("flops", "sparse_flops", "params",
+                                                         "weights"), 1.0)
     with pytest.raises(ValueError, match="cannot prune: fc2"):
         fractions(t, {"fc2": 0.5}, "filter")
 
@@ -124,15 +129,16 @@ def test_fractions_equal_the_accountant_on_random_sparsities(lenet5, resnet56, g
 
 # -- projection onto the budget ------------------------------------------------------------------
 CASES = [  # (bench, limits, target, granularity)
-    ("lenet5", {"flops": 0.4}, 1.0, "weight"),
-    ("lenet5", {"flops": 0.4}, 0.8, "weight"),
+    ("lenet5", {"sparse_flops": 0.4}, 1.0, "weight"),
+    ("lenet5", {"sparse_flops": 0.4}, 0.8, "weight"),
+    ("lenet5", {"weights": 0.01405}, 1.0, "weight"),
     ("lenet5", {"params": 0.014}, 1.0, "weight"),
     ("lenet5", {"params": 0.014}, 0.9, "weight"),
-    ("lenet5", {"flops": 0.4, "params": 0.1}, 0.7, "weight"),
+    ("lenet5", {"sparse_flops": 0.4, "params": 0.1}, 0.7, "weight"),
     ("lenet5", {"flops": 0.4}, 0.85, "filter"),
     ("lenet5", {"params": 0.014}, 1.0, "filter"),
-    ("resnet56", {"flops": 0.5}, 1.0, "weight"),
-    ("resnet56", {"flops": 0.5}, 0.75, "weight"),
+    ("resnet56", {"sparse_flops": 0.5}, 1.0, "weight"),
+    ("resnet56", {"sparse_flops": 0.5}, 0.75, "weight"),
     ("resnet56", {"flops": 0.5}, 0.9, "filter"),
 ]
 
@@ -148,7 +154,7 @@ def test_projection_hits_the_target_from_below(request, bench_name, limits, targ
         predicted = fractions(bench.table, sp, granularity)
         real = bench.measure(sp, granularity)
         # exact for filters; for weights exact unless whole rows die, which only lowers the count
-        for k in ("flops", "params"):
+        for k in ("flops", "sparse_flops", "params", "weights"):
             assert real[k] <= predicted[k] + 1e-9
             if granularity == "filter":
                 assert real[k] == predicted[k]
@@ -177,9 +183,10 @@ def test_projection_follows_the_preferences(lenet5):
 def test_projection_leaves_unallocated_and_excluded_layers_dense(lenet5):
     t = CostTable.from_accountant(lenet5.acc, layers=["conv1", "conv2", "fc1"])
     assert not t.layers["fc2"].prunable and t.candidates("weight") == ["conv1", "conv2", "fc1"]
-    sp = project(t, {"conv2": 0.5, "fc1": 0.5, "fc2": 0.9}, {"flops": 0.6}, 1.0, "weight")
+    sp = project(t, {"conv2": 0.5, "fc1": 0.5, "fc2": 0.9}, {"sparse_flops": 0.6}, 1.0,
+                 "weight")
     assert set(sp) == {"conv2", "fc1"}
-    assert max(fractions(t, sp, "weight")["flops"] / 0.6, 0) <= 1.0
+    assert max(fractions(t, sp, "weight")["sparse_flops"] / 0.6, 0) <= 1.0
     with pytest.raises(ValueError, match="not in the model"):
         CostTable.from_accountant(lenet5.acc, layers=["nope"])
 
@@ -199,18 +206,20 @@ def test_projection_keeps_one_filter_and_respects_max_sparsity(lenet5):
 
 
 def test_loose_budget_prunes_nothing(lenet5):
-    sp = project(lenet5.table, random_allocation(lenet5.table, 0), {"flops": 1.0}, 1.0, "weight")
-    assert fractions(lenet5.table, sp, "weight") == {"flops": 1.0, "params": 1.0}
+    sp = project(lenet5.table, random_allocation(lenet5.table, 0), {"sparse_flops": 1.0}, 1.0,
+                 "weight")
+    assert set(fractions(lenet5.table, sp, "weight").values()) == {1.0}
 
 
 def test_min_reachable(lenet5, resnet56):
     t = lenet5.table
     # every layer at 0.99 of its weights: exactly 1 % of every layer's MACs stays
     assert min_reachable(t, "weight") == {
-        "flops": pytest.approx(0.01, abs=1e-15),
-        "params": (5 + 250 + 4000 + 50 + 20 + 50 + 500 + 10) / 431_080}
+        "flops": 1.0, "sparse_flops": pytest.approx(0.01, abs=1e-15),
+        "params": (5 + 250 + 4000 + 50 + 20 + 50 + 500 + 10) / 431_080,
+        "weights": (5 + 250 + 4000 + 50) / 430_500}
     loose = min_reachable(t, "weight", max_sparsity=0.5)
-    assert loose["flops"] == pytest.approx(0.5) and loose["flops"] > 0.01
+    assert loose["sparse_flops"] == pytest.approx(0.5) and loose["sparse_flops"] > 0.01
     # filters: conv1/conv2 keep one filter (0.99 would round to all), fc1 keeps 5 of 500 (0.99),
     # fc2 (the logits) keeps its 10 outputs but reads only fc1's 5 survivors
     f = min_reachable(t, "filter")
@@ -219,7 +228,7 @@ def test_min_reachable(lenet5, resnet56):
     assert 0.0 < r["flops"] < 0.5 and 0.0 < r["params"] < 1.0
     # With the residual streams prunable too, every conv keeps one channel of its rows and of
     # its inputs: below the 1 % that weight pruning at 0.99 leaves (free layers alone: > 1 %).
-    assert r["flops"] < min_reachable(resnet56.table, "weight")["flops"]
+    assert r["flops"] < min_reachable(resnet56.table, "weight")["sparse_flops"]
     for gran in ("weight", "filter"):  # the caps themselves are what a real model measures
         caps = {n: resnet56.table.cap(n, gran, 0.99) for n in resnet56.table.candidates(gran)}
         assert resnet56.measure(caps, gran) == pytest.approx(min_reachable(resnet56.table, gran),

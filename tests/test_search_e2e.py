@@ -33,6 +33,11 @@ def test_search_meets_budget_and_front_is_non_dominated(finished_search):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     for t in complete:  # every completed trial is within the budget by construction
         assert budget.satisfied({"flops": t.values[1], "params": t.values[2]})
+        # flops= is the compacted model's: only whole-filter pruning is sampled, and the
+        # physically compacted copy measures what was counted
+        assert t.user_attrs["granularity"] == "filter"
+        assert t.user_attrs["compact_flops_frac"] == pytest.approx(t.values[1], abs=1e-9)
+        assert t.user_attrs["sparse_flops_frac"] <= t.values[1] + 1e-12
     pts = summary["pareto"]
     assert pts and all(p["feasible"] for p in pts)
     assert sorted(front(pts)) == list(range(len(pts)))  # nothing on the front dominates another
@@ -140,3 +145,4 @@ def test_time_limit_stops_and_resume_finishes(ray_session, tmp_path, tiny_space,
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trials_completed"] == 3 and not summary["time_limit_reached"]
+

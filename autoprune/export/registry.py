@@ -40,8 +40,11 @@ def select_point(points: list[dict], budget: str | None, pick: str) -> dict:
         from ..budget import Budget
 
         b = Budget.parse(budget)
-        feasible = [p for p in feasible
-                    if b.satisfied({"flops": p["flops_frac"], "params": p["params_frac"]})]
+        def fracs(p: dict) -> dict[str, float]:  # a fraction an old record lacks never fits
+            return {k: p.get(f"{k}_frac") if p.get(f"{k}_frac") is not None else float("inf")
+                    for k in ("flops", "sparse_flops", "params", "weights")}
+
+        feasible = [p for p in feasible if b.satisfied(fracs(p))]
         if not feasible:
             raise UserError(f"no recorded point meets budget {budget} (search with that budget, "
                             f"or export under a looser one)")

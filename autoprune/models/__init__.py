@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import sys
+import sysconfig
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -119,3 +122,21 @@ def weights_hash(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def ships_by_value(module_name: str) -> bool:
+    """Whether Ray workers may fail to import `module_name`, so its code must travel with the
+    pickled study: a script's folder, a test folder or a notebook helper is on the driver's
+    `sys.path` only. Installed packages and the standard library are importable everywhere;
+    `__main__` is pickled by value by cloudpickle already.
+    """
+    if module_name == "__main__" or module_name.split(".")[0] in ("torch", "autoprune"):
+        return False
+    module = sys.modules.get(module_name)
+    origin = getattr(module, "__file__", None)
+    if not origin:
+        return False  # built in, or not imported here: nothing to ship
+    path = Path(origin).resolve()
+    if {"site-packages", "dist-packages"} & set(path.parts):
+        return False
+    return not path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve())

@@ -74,12 +74,14 @@ def _check_budget_reachable(wb: Workbench, budget: Budget, space: SearchSpace) -
     """Refuse, before any trial, a budget that even the finest granularity cannot reach."""
     max_sparsity = space.max_sparsity
     table = CostTable.from_accountant(wb.accountant, space.prunable(wb.layers))
-    reach = min_reachable(table, "weight", max_sparsity)
+    # the space is already restricted to filter methods under a flops= budget
+    gran = "filter" if budget.structured else "weight"
+    reach = min_reachable(table, gran, max_sparsity)
     for key, limit in budget.limits.items():
         if reach[key] > limit:
             raise UserError(f"budget {key}={limit:g} is below what the space can reach on "
-                            f"{wb.study.model} (smallest {key} fraction {reach[key]:.4f} at "
-                            f"max_sparsity {max_sparsity:g})")
+                            f"{wb.study.model} by {gran} pruning (smallest {key} fraction "
+                            f"{reach[key]:.4f} at max_sparsity {max_sparsity:g})")
 
 
 def search(opts: SearchOptions) -> dict:
@@ -95,7 +97,7 @@ def search(opts: SearchOptions) -> dict:
     study = opts.study if isinstance(opts.study, Study) else load_study(opts.study)
     budget = Budget.parse(opts.budget or study.budget)
     space_path = _space_path(opts, study)
-    space = SearchSpace.load(space_path)
+    space = SearchSpace.load(space_path).for_budget(budget.structured)
     trials = opts.trials or study.trials
     if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
         raise UserError("--trials and --workers must be >= 1, --cpus-per-trial > 0, "

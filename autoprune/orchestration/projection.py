@@ -30,6 +30,7 @@ from ..flops import Accountant
 from ..pruning.base import n_pruned
 
 GRANULARITIES = ("weight", "filter")
+KINDS = ("flops", "sparse_flops", "params", "weights")  # budget kinds (budget.KEYS), all predicted
 _BISECT_ITERS = 60
 _SHIFT_RANGE = 40.0  # sigmoid(logit(a) +- 40) is ~0 / ~1 for every a in [1e-6, 1 - 1e-6]
 _ALLOC_EPS = 1e-6
@@ -131,10 +132,12 @@ def _check_granularity(granularity: str) -> None:
 
 def fractions(table: CostTable, sparsities: dict[str, float],
               granularity: str) -> dict[str, float]:
-    """Kept FLOPs and params fractions of the dense model at these per-layer sparsities.
+    """The four kept fractions of the dense model at these per-layer sparsities (`KINDS`).
 
-    Mirrors `Accountant.count` operation for operation (same sums in the same order), so the
-    result is equal to the measurement, not merely close to it.
+    `flops` is the compacted model's (1.0 for weight pruning: zeros inside live channels save no
+    dense-hardware MACs), `sparse_flops` the nonzero weights' MACs. Mirrors `Accountant.count`
+    operation for operation (same sums in the same order), so the result is equal to the
+    measurement, not merely close to it.
     """
     _check_granularity(granularity)
     allowed = set(table.candidates(granularity))
@@ -144,23 +147,31 @@ def fractions(table: CostTable, sparsities: dict[str, float],
                          f"{', '.join(sorted(bad))}")
     macs = float(table.fixed_macs)
     removed = 0  # parameters
+    all_weights = sum(c.weights for c in table.layers.values())
     if granularity == "weight":
         for name, c in table.layers.items():
             kept = c.weights - n_pruned(c.weights, sparsities.get(name, 0.0))
             macs += c.macs * kept / c.weights
             removed += c.weights - kept
+        # zeros inside live channels: the compacted model keeps every MAC
+        return {"flops": 1.0, "sparse_flops": macs / table.dense_macs,
+                "params": (table.dense_params - removed) / table.dense_params,
+                "weights": (all_weights - removed) / all_weights}
     else:
         # Removed channels per unit; every member loses those rows, every consumer the columns.
         dead = {r: n_pruned(table.layers[r].filters, sparsities.get(r, 0.0)) for r in table.units}
+        removed_weights = 0
         for name, c in table.layers.items():
             d = dead.get(c.unit, 0)
             rows = c.filters - d
             cols = c.in_cols - sum(per * dead[p] for p, per in c.inputs)
             kept = rows * cols * c.kernel
             macs += c.macs * kept / c.weights
+            removed_weights += c.weights - kept
             removed += c.weights - kept + (d * c.extra_per_filter if name == c.unit else 0)
-    return {"flops": macs / table.dense_macs,
-            "params": (table.dense_params - removed) / table.dense_params}
+    return {"flops": macs / table.dense_macs, "sparse_flops": macs / table.dense_macs,
+            "params": (table.dense_params - removed) / table.dense_params,
+            "weights": (all_weights - removed_weights) / all_weights}
 
 
 def _logit(a: float) -> float:
@@ -227,8 +238,8 @@ def project(table: CostTable, allocation: dict[str, float], limits: dict[str, fl
     _check_granularity(granularity)
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must be in (0, 1], got {target}")
-    if not limits or any(k not in ("flops", "params") or not v > 0 for k, v in limits.items()):
-        raise ValueError(f"limits must map flops/params to positive fractions, got {limits}")
+    if not limits or any(k not in KINDS or not v > 0 for k, v in limits.items()):
+        raise ValueError(f"limits must map {'/'.join(KINDS)} to positive fractions, got {limits}")
     layers = [n for n in table.candidates(granularity) if n in allocation]
     logits = {n: _logit(allocation[n]) for n in layers}
     caps = {n: table.cap(n, granularity, max_sparsity) for n in layers}

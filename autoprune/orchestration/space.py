@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,52 +37,21 @@ from pathlib import Path
 from typing import Any
 
 from .. import yamlio
-from ..engine import Recipe
 from ..errors import UserError
+from .space_schema import (  # noqa: F401 - Dist and DIST_KEYS are part of this module's face
+    DIST_KEYS,
+    Dist,
+    number,
+    parse_dist,
+    parse_finetune,
+    parse_methods,
+    parse_patterns,
+)
 
 TOP_KEYS = ("methods", "finetune", "sparsity", "description")
 SPARSITY_KEYS = ("target_floor", "allocation", "prior", "max_sparsity", "exclude", "groups")
 PRIORS = ("size", "none")  # what the sampled allocation is an offset from (projection.py)
-DIST_KEYS = ("low", "high", "log", "int", "step", "choices")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # no '/': Ray un-flattens config keys on it
-_TYPES = {"float": float, "int": int, "bool": bool, "str": str}
-
-
-@dataclass(frozen=True)
-class Dist:
-    """One searched (or fixed) value: float/int range, categorical, or a constant."""
-
-    kind: str  # "float" | "int" | "categorical" | "fixed"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple = ()
-    value: Any = None
-
-    @property
-    def fixed(self) -> bool:
-        return self.kind == "fixed"
-
-    def suggest(self, trial: Any, name: str) -> Any:
-        """Ask `trial` (an optuna.Trial, or Ray's wrapper of one) for this value under `name`."""
-        if self.kind == "float":
-            return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
-        if self.kind == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
-        if self.kind == "categorical":
-            return trial.suggest_categorical(name, list(self.choices))
-        return self.value
-
-    def probes(self) -> list[Any]:
-        """Values whose validity implies that of every sample (range ends, every choice)."""
-        if self.kind == "categorical":
-            return list(self.choices)
-        if self.kind == "fixed":
-            return [self.value]
-        cast = int if self.kind == "int" else float
-        return [cast(self.low), cast(self.high)]
 
 
 @dataclass(frozen=True)
@@ -129,21 +97,21 @@ class SearchSpace:
         unknown = [k for k in d if k not in TOP_KEYS]
         if unknown:
             raise fail(str(unknown[0]), f"unknown top-level key; allowed: {', '.join(TOP_KEYS)}")
-        methods = _parse_methods(d.get("methods"), fail)
-        finetune = _parse_finetune(d.get("finetune"), fail)
+        methods = parse_methods(d.get("methods"), fail)
+        finetune = parse_finetune(d.get("finetune"), fail)
         sp = d.get("sparsity") or {}
         if not isinstance(sp, dict):
             raise fail("sparsity", f"must be a mapping, got {type(sp).__name__}")
         bad = [k for k in sp if k not in SPARSITY_KEYS]
         if bad:
             raise fail(f"sparsity.{bad[0]}", f"unknown key; allowed: {', '.join(SPARSITY_KEYS)}")
-        floor = _number(sp.get("target_floor", 0.6), "sparsity.target_floor", fail)
+        floor = number(sp.get("target_floor", 0.6), "sparsity.target_floor", fail)
         if not 0.0 < floor <= 1.0:
             raise fail("sparsity.target_floor", f"must be in (0, 1], got {floor}")
-        max_s = _number(sp.get("max_sparsity", 0.99), "sparsity.max_sparsity", fail)
+        max_s = number(sp.get("max_sparsity", 0.99), "sparsity.max_sparsity", fail)
         if not 0.0 < max_s < 1.0:
             raise fail("sparsity.max_sparsity", f"must be in (0, 1), got {max_s}")
-        alloc = _parse_dist(sp.get("allocation", {"low": 0.05, "high": 0.95}),
+        alloc = parse_dist(sp.get("allocation", {"low": 0.05, "high": 0.95}),
                             "sparsity.allocation", fail)
         if alloc.kind not in ("float", "fixed"):
             raise fail("sparsity.allocation", "must be {low, high} or a fixed number")
@@ -153,7 +121,7 @@ class SearchSpace:
         prior = sp.get("prior", "size")
         if prior not in PRIORS:
             raise fail("sparsity.prior", f"must be one of {', '.join(PRIORS)}, got {prior!r}")
-        exclude = _parse_patterns(sp.get("exclude", []), "sparsity.exclude", fail)
+        exclude = parse_patterns(sp.get("exclude", []), "sparsity.exclude", fail)
         groups_raw = sp.get("groups") or {}
         if not isinstance(groups_raw, dict):
             raise fail("sparsity.groups", "must be a mapping of group name -> regex")
@@ -161,7 +129,7 @@ class SearchSpace:
         for name, pattern in groups_raw.items():
             if not isinstance(name, str) or not _GROUP_NAME.match(name):
                 raise fail(f"sparsity.groups.{name}", "group names use letters, digits, _ . -")
-            groups[name] = _parse_patterns([pattern], f"sparsity.groups.{name}", fail)[0]
+            groups[name] = parse_patterns([pattern], f"sparsity.groups.{name}", fail)[0]
         return cls(methods=methods, finetune=finetune, target_floor=float(floor),
                    allocation=alloc, prior=prior, max_sparsity=float(max_s),
                    exclude=tuple(exclude),
@@ -187,6 +155,27 @@ class SearchSpace:
                 raise UserError(f"{self.source}: sparsity.groups.{key}: a group may not be "
                                 f"named like a layer of the model")
         return keys
+
+    def for_budget(self, structured: bool) -> SearchSpace:
+        """The space a budget can use: under a `flops=` limit only whole-channel pruning lowers
+        the compacted model's FLOPs, so only methods that can prune filters stay, with
+        `granularity` fixed to 'filter'. A space left with no method is a `UserError`."""
+        if not structured:
+            return self
+        from ..pruning import get_method
+
+        methods: dict[str, dict[str, Dist]] = {}
+        for name, dists in self.methods.items():
+            cls = get_method(name)
+            if "filter" not in cls.granularities():
+                continue
+            if any(f.name == "granularity" for f in dataclasses.fields(cls.Params)):
+                dists = {**dists, "granularity": Dist("fixed", value="filter")}
+            methods[name] = dists
+        if not methods:
+            raise UserError(f"{self.source}: no method of this space can prune whole filters, "
+                            f"which a flops= budget needs (use sparse_flops=, params= or weights=)")
+        return dataclasses.replace(self, methods=methods)
 
     # -- Optuna -------------------------------------------------------------------------------
     def suggest(self, trial: Any, layers: list[str]) -> dict[str, Any]:
@@ -260,162 +249,3 @@ class SearchSpace:
 
 
 # -- validation helpers ----------------------------------------------------------------------
-def _number(v: Any, key: str, fail) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise fail(key, f"must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _parse_dist(spec: Any, key: str, fail, int_field: bool = False) -> Dist:
-    """A mapping is a distribution, anything else a fixed value."""
-    if not isinstance(spec, dict):
-        return Dist("fixed", value=spec)
-    bad = [k for k in spec if k not in DIST_KEYS]
-    if bad:
-        raise fail(key, f"unknown distribution key '{bad[0]}'; use low/high (with log, int, "
-                        f"step) or choices")
-    if "choices" in spec:
-        if len(spec) > 1:
-            raise fail(key, "'choices' cannot be combined with low/high/log/int/step")
-        choices = spec["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise fail(key, "choices must be a non-empty list")
-        for c in choices:
-            if c is not None and not isinstance(c, (bool, int, float, str)):
-                raise fail(key, f"choices must be plain values, got {c!r}")
-        if len({repr(c) for c in choices}) != len(choices):
-            raise fail(key, "choices contain duplicates")
-        return Dist("categorical", choices=tuple(choices))
-    if "low" not in spec or "high" not in spec:
-        raise fail(key, "a range needs both low and high")
-    low = _number(spec["low"], f"{key}.low", fail)
-    high = _number(spec["high"], f"{key}.high", fail)
-    if low >= high:
-        raise fail(key, f"low must be < high, got low={spec['low']} high={spec['high']}")
-    for flag in ("log", "int"):
-        if not isinstance(spec.get(flag, False), bool):
-            raise fail(f"{key}.{flag}", f"must be true or false, got {spec[flag]!r}")
-    log, is_int = spec.get("log", False), spec.get("int", False) or int_field
-    step = spec.get("step")
-    if step is not None:
-        step = _number(step, f"{key}.step", fail)
-        if step <= 0:
-            raise fail(f"{key}.step", f"must be > 0, got {step}")
-        if log:
-            raise fail(key, "step cannot be combined with log: true")
-    if log and low <= 0:
-        raise fail(key, f"a log range needs low > 0, got {spec['low']}")
-    if is_int:
-        if not (low.is_integer() and high.is_integer() and (step is None or step.is_integer())):
-            raise fail(key, f"an integer range needs integer low/high/step, got "
-                            f"low={spec['low']} high={spec['high']}")
-        return Dist("int", low, high, log, step)
-    return Dist("float", low, high, log, step)
-
-
-def _parse_patterns(v: Any, key: str, fail) -> list[str]:
-    items = [v] if isinstance(v, str) else v
-    if not isinstance(items, list):
-        raise fail(key, "must be a regex or a list of regexes")
-    for p in items:
-        if not isinstance(p, str) or not p:
-            raise fail(key, f"must be non-empty regex strings, got {p!r}")
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise fail(key, f"invalid regex {p!r}: {exc}") from None
-    return list(items)
-
-
-def _field_types(params_cls: type) -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else _TYPES.get(str(f.type), object)
-            for f in dataclasses.fields(params_cls)}
-
-
-DECLARED = "declared"  # methods (or one method) taken from the methods' declared ranges
-
-
-def _parse_methods(m: Any, fail) -> dict[str, dict[str, Dist]]:
-    from ..pruning import get_method, load_all
-
-    if m == DECLARED:
-        m = dict.fromkeys(sorted(load_all()), DECLARED)
-    if not isinstance(m, dict) or not m:
-        raise fail("methods", f"must be a non-empty mapping of method -> hyperparameters, or "
-                              f"'{DECLARED}' for every method with its declared ranges")
-    out: dict[str, dict[str, Dist]] = {}
-    for name, hps in m.items():
-        key = f"methods.{name}"
-        if not isinstance(name, str):
-            raise fail(key, "method names are strings")
-        try:
-            cls = get_method(name)
-        except UserError as exc:
-            raise fail(key, str(exc)) from None
-        hps = _with_declared(cls, hps, key, fail)
-        types = _field_types(cls.Params)
-        dists: dict[str, Dist] = {}
-        for hp, spec in hps.items():
-            hkey = f"{key}.{hp}"
-            if hp not in types:
-                raise fail(hkey, f"method '{name}' has no hyperparameter '{hp}'; known: "
-                                 f"{', '.join(types)}")
-            dist = _parse_dist(spec, hkey, fail, int_field=types[hp] is int)
-            if dist.kind == "float" and types[hp] is not float:
-                raise fail(hkey, f"a float range for a {types[hp].__name__} hyperparameter; "
-                                 f"use choices or a fixed value")
-            for v in dist.probes():
-                try:
-                    cls.make_params(**{hp: v})
-                except UserError as exc:
-                    raise fail(hkey, str(exc)) from None
-            dists[hp] = dist
-        out[name] = dists
-    return out
-
-
-def _with_declared(cls: Any, hps: Any, key: str, fail) -> dict[str, Any]:
-    """A method's entry as {hp: spec}: `declared` and `declared: true` merge its own ranges."""
-    if hps == DECLARED:
-        return cls.search_space()
-    hps = hps or {}
-    if not isinstance(hps, dict):
-        raise fail(key, f"must map hyperparameters to distributions (or be '{DECLARED}'), "
-                        f"got {hps!r}")
-    if DECLARED not in hps:
-        return hps
-    flag = hps[DECLARED]
-    if not isinstance(flag, bool):
-        raise fail(f"{key}.{DECLARED}", f"must be true or false, got {flag!r}")
-    rest = {k: v for k, v in hps.items() if k != DECLARED}
-    return {**cls.search_space(), **rest} if flag else rest
-
-
-def _parse_finetune(f: Any, fail) -> dict[str, Dist]:
-    f = f or {}
-    if not isinstance(f, dict):
-        raise fail("finetune", f"must be a mapping of recipe keys, got {f!r}")
-    types = {fl.name: str(fl.type) for fl in dataclasses.fields(Recipe)}
-    out: dict[str, Dist] = {}
-    for k, spec in f.items():
-        key = f"finetune.{k}"
-        if k not in types:
-            raise fail(key, f"unknown fine-tune recipe key; known: {', '.join(types)}")
-        dist = _parse_dist(spec, key, fail, int_field=types[k] == "int")
-        for v in dist.probes():
-            _check_recipe_value(k, types[k], v, key, fail)
-        out[k] = dist
-    return out
-
-
-def _check_recipe_value(k: str, type_name: str, v: Any, key: str, fail) -> None:
-    expected = _TYPES.get(type_name)
-    ok = (isinstance(v, expected) and not isinstance(v, bool) if expected in (int, str)
-          else isinstance(v, (int, float)) and not isinstance(v, bool) if expected is float
-          else isinstance(v, list))
-    if not ok:
-        raise fail(key, f"expects {type_name}, got {v!r}")
-    try:
-        Recipe(**{k: v})
-    except UserError as exc:
-        raise fail(key, str(exc)) from None

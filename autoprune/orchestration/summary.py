@@ -57,5 +57,6 @@ def rerun_command(point: dict, study: str, budget: str) -> str | None:
         parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
     for k, v in (point.get("finetune") or {}).items():
         parts += ["--finetune", f"{k}={v}"]
-    parts += ["--layer-sparsity", ",".join(f"{k}={v:.6g}" for k, v in layers.items())]
+    # repr: the exact value; a rounded one can flip n_pruned at a .5 boundary (a different plan)
+    parts += ["--layer-sparsity", ",".join(f"{k}={v!r}" for k, v in layers.items())]
     return " ".join(shlex.quote(p) for p in parts)

@@ -33,7 +33,7 @@ from ray import tune
 from ..budget import Budget
 from ..device import set_threads
 from ..errors import TrainingDiverged, UserError
-from ..pipeline import Workbench, granularity_of, run_pruning
+from ..pipeline import Workbench, budget_fractions, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
 from .faults import Faults
@@ -186,7 +186,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,
                            seed=ctx.seed + max(number, 0), on_epoch=progress,
                            on_pruned=lambda s: _save_pruned(s, fingerprint), resume=resume)
-    fracs = {"flops": m["flops_frac"], "params": m["params_frac"]}
+    fracs = budget_fractions(m)
     ckpt_dir = Path(ctx.study_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / f"trial-{number}.pt"

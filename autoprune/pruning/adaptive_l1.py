@@ -219,9 +219,6 @@ class AdaptiveL1(Pruner):
         # (layer, level) -> lam_g; (root, "filter") for a unit's channels
         self.coef: dict[tuple[str, str], torch.Tensor] = {}
 
-    @property
-    def granularity(self) -> str:
-        return "weight"
 
     def _removals(self, layer: str) -> int:
         return n_pruned(self.model.get_submodule(layer).weight.numel(),

@@ -149,10 +149,6 @@ class ADMM(Pruner):
 
     # -- interface ---------------------------------------------------------------------------
     @property
-    def granularity(self) -> str:
-        return self.params.granularity
-
-    @property
     def prune_epochs(self) -> float:
         return float(self.params.admm_iters * self.params.epochs_per_iter)
 

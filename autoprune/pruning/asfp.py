@@ -73,6 +73,7 @@ class ASFP(Pruner):
     """Soft filter pruning with an asymptotic (ASFP) or constant (SFP) rate."""
 
     name = "asfp"
+    fixed_granularity = "filter"
     differences = (
         "the papers train from scratch for 200 epochs (or from pretrained at lr 0.01) while "
         "soft-pruning; here a few epochs from the pretrained dense net",
@@ -100,9 +101,6 @@ class ASFP(Pruner):
         self._total = 1
         self._steps_per_epoch = 1
 
-    @property
-    def granularity(self) -> str:
-        return "filter"
 
     def rate(self, layer: str, epoch: float) -> float:
         """The soft-pruning rate of `layer` at (possibly fractional) epoch `epoch`."""

@@ -95,6 +95,8 @@ class Pruner(TrainHook, abc.ABC):
     name: ClassVar[str] = ""
     # What the paper does that this implementation does not (shown by `autoprune methods`).
     differences: ClassVar[tuple[str, ...]] = ()
+    # What the targets count when no `granularity` hyperparameter chooses it.
+    fixed_granularity: ClassVar[str] = "weight"
 
     @dataclasses.dataclass
     class Params:
@@ -120,8 +122,18 @@ class Pruner(TrainHook, abc.ABC):
     # -- what the runner needs -------------------------------------------------------------
     @property
     def granularity(self) -> str:
-        """'weight' or 'filter': what the targets count. Methods may decide per instance."""
-        return "weight"
+        """'weight' or 'filter': what the targets count: the `granularity` hyperparameter where
+        the method has one, else `fixed_granularity`."""
+        return getattr(self.params, "granularity", self.fixed_granularity)
+
+    @classmethod
+    def granularities(cls) -> tuple[str, ...]:
+        """Every granularity the method can prune at. Only 'filter' lowers the compacted model's
+        FLOPs: a `flops=` budget keeps the methods offering it (`SearchSpace.for_budget`)."""
+        f = {f.name: f for f in dataclasses.fields(cls.Params)}.get("granularity")
+        if f is not None:
+            return tuple(f.metadata.get("choices") or (f.default,))
+        return (cls.fixed_granularity,)
 
     @property
     def prune_epochs(self) -> float:

@@ -204,10 +204,6 @@ class L0(Pruner):
         self._weight_optimizer: torch.optim.Optimizer | None = None
         self._shared: list[dict] = []  # per coupled filter group: the step's gate sample
 
-    @property
-    def granularity(self) -> str:
-        return self.params.granularity
-
     def _gated_layers(self) -> list[str]:
         out = []
         for layer, s in self.targets.items():

@@ -77,10 +77,6 @@ class Magnitude(Pruner):
         norm: int = hp(1, choices=(1, 2), doc="filter importance: L1 (Li et al.) or L2 norm")
 
     @property
-    def granularity(self) -> str:
-        return self.params.granularity
-
-    @property
     def prune_epochs(self) -> float:
         return float(self.params.epochs) if self.params.gradual else 0.0
 

@@ -63,6 +63,7 @@ class GroupTaylor(Pruner):
     """Filters of lowest group first-order Taylor importance, scored on training batches."""
 
     name = "taylor"
+    fixed_granularity = "filter"
     differences = (
         "the paper ranks all neurons globally and removes a fixed number per step; here each "
         "layer loses exactly its searched/projected share of filters",
@@ -86,9 +87,6 @@ class GroupTaylor(Pruner):
         self.scores: dict[str, torch.Tensor] | None = None  # per targeted layer, set by calibrate
         self._dead: dict[str, torch.Tensor] = {}  # channels zeroed by earlier rounds
 
-    @property
-    def granularity(self) -> str:
-        return "filter"
 
     @property
     def prune_epochs(self) -> float:

@@ -1,0 +1,50 @@
+"""Budget kinds end to end: what `flops=` means (the compacted model), and the other three."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autoprune.errors import UserError
+from autoprune.orchestration.space import SearchSpace
+from autoprune.pruning import load_all
+
+
+def test_flops_budget_keeps_only_filter_methods_fixed_to_filters():
+    space = SearchSpace.from_dict({"methods": "declared"})
+    restricted = space.for_budget(structured=True)
+    assert space.for_budget(structured=False) is space
+    methods = load_all()
+    assert set(restricted.methods) == {n for n, c in methods.items()
+                                       if "filter" in c.granularities()}
+    assert "adaptive_l1" not in restricted.methods  # weight targets only: no compacted saving
+    for name, dists in restricted.methods.items():
+        if any(f.name == "granularity" for f in dataclasses.fields(methods[name].Params)):
+            assert dists["granularity"].fixed and dists["granularity"].value == "filter", name
+
+
+def test_flops_budget_with_no_filter_method_is_refused():
+    space = SearchSpace.from_dict({"methods": {"adaptive_l1": "declared"}}, "s.yaml")
+    with pytest.raises(UserError, match="whole filters") as e:
+        space.for_budget(structured=True)
+    assert "\n" not in str(e.value)
+
+
+def test_weight_pruning_cannot_meet_a_flops_budget_but_meets_sparse_flops(tmp_path):
+    """Zeros inside live channels leave the compacted model's FLOPs whole: refused, with a hint,
+    before any training; the papers' sparse count is a budget kind of its own."""
+    import autoprune
+
+    with pytest.raises(UserError, match="granularity=filter") as e:
+        autoprune.prune("digits-lenet", "magnitude", "flops=0.4", out=tmp_path)
+    assert "\n" not in str(e.value)
+    m = autoprune.prune("digits-lenet", "magnitude", "sparse_flops=0.4,weights=0.3",
+                        out=tmp_path, finetune={"epochs": 1})
+    assert m["within_budget"]
+    assert m["sparse_flops_frac"] <= 0.4 + 1e-9 and m["weights_frac"] <= 0.3 + 1e-9
+    assert m["flops_frac"] == pytest.approx(1.0, abs=0.02)  # real FLOPs barely move
+    f = autoprune.prune("digits-lenet", "magnitude", "flops=0.4", out=tmp_path,
+                        params={"granularity": "filter"}, finetune={"epochs": 1})
+    assert f["within_budget"] and f["flops_frac"] <= 0.4 + 1e-9
+    assert f["compact_flops_frac"] == pytest.approx(f["flops_frac"], abs=1e-9)

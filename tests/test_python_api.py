@@ -164,11 +164,13 @@ def test_train_dense_trains_a_given_module_from_its_weights_once(tmp_path, tenso
     net = TinyNet()
     untrained = accuracy(net, tensors[1][0], tensors[1][1])
     study = Study.custom("tiny-train", model=net, data=tensors, train_dense=True, **RECIPES)
-    first = autoprune.prune(study, "magnitude", "sparse_flops=0.6", out=tmp_path, params={"epochs": 0})
+    first = autoprune.prune(study, "magnitude", "sparse_flops=0.6", out=tmp_path,
+                            params={"epochs": 0})
     cached = list((tmp_path / "dense").glob("*.pt"))
     assert len(cached) == 1 and first["dense_test_accuracy"] > max(0.8, untrained)
     stamp = cached[0].stat().st_mtime_ns
-    second = autoprune.prune(study, "magnitude", "sparse_flops=0.6", out=tmp_path, params={"epochs": 0})
+    second = autoprune.prune(study, "magnitude", "sparse_flops=0.6", out=tmp_path,
+                             params={"epochs": 0})
     assert second["dense_test_accuracy"] == first["dense_test_accuracy"]
     assert cached[0].stat().st_mtime_ns == stamp  # read back, not retrained
 

@@ -48,3 +48,23 @@ def test_weight_pruning_cannot_meet_a_flops_budget_but_meets_sparse_flops(tmp_pa
                         params={"granularity": "filter"}, finetune={"epochs": 1})
     assert f["within_budget"] and f["flops_frac"] <= 0.4 + 1e-9
     assert f["compact_flops_frac"] == pytest.approx(f["flops_frac"], abs=1e-9)
+
+
+def test_baselines_come_from_the_methods_declarations(digits):
+    """Nothing in the search names a method: the settings are the registry's `baselines`."""
+    from autoprune.flops import Accountant
+    from autoprune.models import build_model
+    from autoprune.orchestration.baselines import baseline_params
+    from autoprune.orchestration.projection import CostTable
+
+    model = build_model("lenet-digits", 10, 1, 8)
+    table = CostTable.from_accountant(Accountant(model, digits.example()))
+    space = SearchSpace.from_dict({"methods": "declared"}).for_budget(structured=True)
+    params = baseline_params(space, table, list(table.layers), "filter")
+    declared = [(n, s) for n, c in load_all().items() if n in space.methods
+                for s in c.baselines]
+    assert declared and len(params) == 2 * len(declared)  # size-prior and uniform split each
+    for p in params:
+        assert p["target"] == 1.0 and f"{p['method']}.granularity" not in p  # fixed: filter
+    uniform = [p for p in params if any(v != 0.5 for k, v in p.items() if k.startswith("alloc"))]
+    assert len(uniform) == len(declared)

@@ -30,6 +30,7 @@ from ..names import OBJECTIVES
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
+from .baselines import baseline_params, enqueue_baselines
 from .cluster import host_port, init_ray, tune_storage
 from .faults import Faults
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
@@ -179,6 +180,12 @@ def search(opts: SearchOptions) -> dict:
                                    opts.dense_checkpoint),
                                faults=Faults.from_env())
             layers = wb.layers
+            if not done and remaining > 1:  # a new search starts from the hand baselines
+                # (after `reconcile`, which fails trials left waiting by a dead driver)
+                table = CostTable.from_accountant(wb.accountant, space.prunable(layers))
+                enqueue_baselines(ot_study, baseline_params(
+                    space, table, layers, "filter" if budget.structured else "weight"),
+                    limit=remaining // 2)
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=[k for k, _ in OBJECTIVES],
                                      mode=[m for _, m in OBJECTIVES], sampler=sampler,

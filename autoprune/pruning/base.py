@@ -97,6 +97,8 @@ class Pruner(TrainHook, abc.ABC):
     differences: ClassVar[tuple[str, ...]] = ()
     # What the targets count when no `granularity` hyperparameter chooses it.
     fixed_granularity: ClassVar[str] = "weight"
+    # Hand-tuned uses of the method that every search tries first (`orchestration.baselines`).
+    baselines: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     @dataclasses.dataclass
     class Params:

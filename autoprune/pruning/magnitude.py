@@ -54,6 +54,7 @@ def agp_sparsity(final: float, progress: float) -> float:
 @register
 class Magnitude(Pruner):
     name = "magnitude"
+    baselines = ({"gradual": False}, {"gradual": True})  # one-shot and AGP, by hand
     differences = (
         "one-shot (Han et al. 2015) prunes and retrains in several rounds, with a threshold of "
         "quality x std of the layer's weights; here one exact top-|w| cut per layer, then a "

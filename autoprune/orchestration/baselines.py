@@ -1,0 +1,91 @@
+"""The baselines a user would try by hand, as the first trials of every search.
+
+Each method may declare `baselines` (hyperparameter settings that are the classic hand-tuned
+uses of it: one-shot and AGP magnitude pruning, say). A new search enqueues every declared
+setting of the methods in its space twice: with the size-prior split of the budget (larger
+layers pruned harder, the default of `autoprune prune`) and with the uniform split (the same
+sparsity in every layer), each at the full budget. The sampler then starts from points a user
+would have tried, and the search can never return a model worse than they are (up to the noise
+of one run). Nothing here names a method: the settings come from the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+
+from ..pruning import get_method
+from .projection import CostTable, size_prior
+from .space import Dist, SearchSpace
+
+log = logging.getLogger("autoprune")
+
+
+def _fits(dist: Dist, value: Any) -> bool:
+    if dist.fixed:
+        return dist.value == value
+    if dist.kind == "categorical":
+        return value in dist.choices
+    return dist.low <= value <= dist.high
+
+
+def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
+                    granularity: str) -> list[dict[str, Any]]:
+    """Optuna parameter sets (names as `SearchSpace.suggest` samples them) of the baselines.
+
+    A setting the space cannot express (a hyperparameter fixed to another value, or outside
+    its searched range) is skipped. Hyperparameters a setting leaves open take the method's
+    paper default where the space allows it, else the sampler's choice.
+    """
+    keys = space.alloc_keys(layers)
+    prior = size_prior(table, [n for n in layers if n in table.layers], granularity)
+    lo, hi = (space.allocation.low or 0.0), (space.allocation.high or 1.0)
+
+    def alloc(kind: str) -> dict[str, float] | None:
+        if space.allocation.fixed:
+            return {}
+        out = {}
+        for key, members in keys.items():
+            p = next((prior[m] for m in members if m in prior), 0.5)
+            # sampled a is an offset from the prior (`with_prior`): 0.5 gives the prior,
+            # 1 - p cancels it (every layer alike); with prior "none" the roles swap
+            size_a, uniform_a = (0.5, 1.0 - p) if space.prior == "size" else (p, 0.5)
+            a = size_a if kind == "size" else uniform_a
+            if not lo <= a <= hi:
+                return None
+            out[f"alloc.{key}"] = a
+        return out
+
+    out: list[dict[str, Any]] = []
+    for method, dists in space.methods.items():
+        cls = get_method(method)
+        defaults = {f: getattr(cls.Params(), f) for f in dists}
+        for setting in cls.baselines:
+            if any(hp not in dists or not _fits(dists[hp], v) for hp, v in setting.items()):
+                continue
+            params: dict[str, Any] = {"method": method}
+            for hp, dist in dists.items():
+                value = setting.get(hp, defaults[hp])
+                if not dist.fixed and _fits(dist, value):
+                    params[f"{method}.{hp}"] = value
+            if space.target_floor < 1.0:
+                params["target"] = 1.0
+            for kind in ("size", "uniform"):
+                a = alloc(kind)
+                if a is not None and {**params, **a} not in out:
+                    out.append({**params, **a})
+    return out
+
+
+def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limit: int) -> int:
+    """Enqueue up to `limit` baselines into a study that has no trial yet; return how many."""
+    if ot_study.trials or limit <= 0:
+        return 0  # a resumed study keeps what it has
+    for p in params[:limit]:
+        ot_study.enqueue_trial(p, user_attrs={"baseline": True})
+    n = min(len(params), limit)
+    if n:
+        log.info(f"the first {n} trials are hand baselines (enqueued)")
+    return n

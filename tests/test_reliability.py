@@ -180,7 +180,7 @@ def test_killed_worker_retries_from_checkpoint_and_raising_trial_fails(
 
 def test_every_trial_diverging_ends_nonzero_with_summary(ray_session, new_out, tmp_path, capsys):
     space = write_space(tmp_path, DIVERGING_SPACE)
-    rc = main(["search", "--study", STUDY, "--space", space, "--budget", "flops=0.4",
+    rc = main(["search", "--study", STUDY, "--space", space, "--budget", "sparse_flops=0.4",
                "--trials", "2", "--out", str(new_out)])
     err = capsys.readouterr().err
     assert rc == 1

@@ -42,6 +42,7 @@ def test_search_meets_budget_and_front_is_non_dominated(finished_search):
     assert pts and all(p["feasible"] for p in pts)
     assert sorted(front(pts)) == list(range(len(pts)))  # nothing on the front dominates another
     assert summary["best"]["val_accuracy"] == max(p["val_accuracy"] for p in pts)
+    assert summary["best"]["trial"] in {p["trial"] for p in pts}  # best is a point of the front
 
 
 def test_mlflow_has_parent_and_one_child_per_trial(finished_search):

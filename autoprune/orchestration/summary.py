@@ -26,7 +26,10 @@ def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, d
     pareto = tracker.finish_search(parent_id, points, budget.limits, dense,
                                    status=status)["front"]
     feasible = [p for p in points if p["feasible"]]
-    best = max(feasible, key=lambda p: p["val_accuracy"], default=None)
+    # the most accurate point of the front: on a tie in accuracy the smaller model, so the best
+    # point is never one that another in-budget point dominates
+    best = max(pareto, key=lambda p: (p["val_accuracy"], -p["flops_frac"], -p["params_frac"]),
+               default=None)
     if best is not None:
         best = {**best, "rerun": rerun_command(best, study_ref, str(budget))
                 if study_ref else None}

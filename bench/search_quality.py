@@ -49,9 +49,11 @@ import report  # noqa: E402
 # is params=0.05, where uniform magnitude pruning still learns something.
 BUDGETS = {"digits-lenet": ("flops=0.4", "params=0.05"),
            "lenet300-mnist": ("flops=0.4", "params=0.02")}
-ARMS = ("tpe", "random", "uniform")
+ARMS = ("tpe", "random", "uniform", "peer")
 ARM_LABEL = {"tpe": "autoprune (TPE)", "random": "random search",
-             "uniform": "uniform magnitude (hand baseline)"}
+             "uniform": "uniform magnitude (hand baseline)",
+             "peer": "peer at equal wall-clock (Torch-Pruning global L2 under flops=, "
+                     "torch.nn.utils.prune global L1 otherwise)"}
 
 
 def _log(msg: str) -> None:
@@ -109,18 +111,37 @@ def run_uniform(study, wb, budget: str, seed: int, out: Path, data_root: str | N
     from autoprune.budget import Budget
     from autoprune.pareto import hypervolume
 
-    targets = api.targets_for_budget(wb, "weight", Budget.parse(budget),
-                                     allocation=dict.fromkeys(wb.layers, 0.5))
+    b = Budget.parse(budget)
+    gran = "filter" if b.structured else "weight"  # only filters lower the compacted FLOPs
+    targets = api.targets_for_budget(wb, gran, b, allocation=dict.fromkeys(
+        wb.accountant.graph.filter_units() if gran == "filter" else wb.layers, 0.5))
     spec = ",".join(f"{k}={v!r}" for k, v in targets.items())  # repr: exact round trip
     t0 = time.perf_counter()
     m = api.prune(study, "magnitude", budget, layer_sparsity=spec, out=out, data_root=data_root,
-                  seed=seed, checkpoint=dense_ckpt)
+                  seed=seed, checkpoint=dense_ckpt, params={"granularity": gran})
     elapsed = time.perf_counter() - t0
     ok = bool(m["within_budget"])
     return {"hv": hypervolume([m]) if ok else 0.0, "test": m["test_accuracy"] if ok else None,
             "val": m["val_accuracy"], "method": "magnitude", "completed": 1,
             "feasible": int(ok), "failed": 0, "seconds": elapsed,
             "sparsity": next(iter(targets.values()))}
+
+
+def run_peer(wb, budget: str, seed: int, seconds: float) -> dict:
+    """The peer a user picks instead, pruned once and fine-tuned for `seconds` (equal compute)."""
+    import peers
+
+    from autoprune.budget import Budget
+    from autoprune.pareto import hypervolume
+
+    b = Budget.parse(budget)
+    arm = "tp-global-l2" if b.structured else "tnp-global-l1"
+    m = peers.run_arm(arm, wb, b.limits, seed, seconds)
+    ok = b.satisfied({k: m[f"{k}_frac"] if f"{k}_frac" in m else m["flops_frac"]
+                      for k in b.limits})
+    return {"hv": hypervolume([m]) if ok else 0.0, "test": m["test_accuracy"] if ok else None,
+            "val": m["val_accuracy"], "method": arm, "completed": 1, "feasible": int(ok),
+            "failed": 0, "seconds": m["seconds"], "epochs": m["finetune_epochs"]}
 
 
 def mean_sd(values: list[float | None], digits: int = 4) -> str:
@@ -171,13 +192,19 @@ def render(res: dict) -> list[str]:
                                                          strict=True))
         wins_acc = sum((t["test"] or 0) > (u["test"] or 0)
                        for t, u in zip(row["tpe"][:k], row["uniform"][:k], strict=True))
+        wins_peer = sum((t["test"] or 0) > (u["test"] or 0)
+                        for t, u in zip(row["tpe"][:k], row["peer"][:k], strict=True))
+        verdicts.append(
+            f"- {sname} {budget}: test acc TPE {acc['tpe']:.4f} vs peer at equal wall-clock "
+            f"{acc['peer']:.4f} ({'met' if acc['tpe'] > acc['peer'] else 'NOT met'}; "
+            f"{wins_peer}/{k} seeds)")
         verdicts.append(
             f"- {sname} {budget}: HV TPE {hv['tpe']:.4f} vs random {hv['random']:.4f} "
             f"({'met' if hv['tpe'] > hv['random'] else 'NOT met'}; TPE higher on {wins_hv}/{k} "
             f"seeds); test acc TPE {acc['tpe']:.4f} vs uniform {acc['uniform']:.4f} "
             f"({'met' if acc['tpe'] > acc['uniform'] else 'NOT met'}; {wins_acc}/{k} seeds)")
-    lines += ["", "Targets (TPE hypervolume > random's; TPE best in-budget test accuracy > "
-              "uniform baseline's), on the means:", *verdicts]
+    lines += ["", "Targets (TPE best in-budget test accuracy > the peer's at equal wall-clock and "
+              "> the uniform baseline's; TPE hypervolume > random's), on the means:", *verdicts]
     notes = [*res["notes"],
              "TPE's first 5 trials are its random start-up (`n_startup_trials=5` in "
              "orchestrator.make_sampler), the same trials random search draws with the same "
@@ -291,6 +318,12 @@ def main() -> int:
                 save()
                 _log(f"  {budget} uniform (sparsity {r['sparsity']:.4f}) seed {seed}: test "
                      f"{r['test']}, {r['seconds']:.0f} s")
+                r = run_peer(wb, budget, seed, row["tpe"][-1]["seconds"])
+                r["trials"] = 1
+                row["peer"].append(r)
+                save()
+                _log(f"  {budget} peer {r['method']} seed {seed}: test {r['test']} after "
+                     f"{r['epochs']:g} fine-tune epochs, {r['seconds']:.0f} s")
     with contextlib.suppress(Exception):
         import ray
 

@@ -132,9 +132,13 @@ def finetune(model: nn.Module, data, recipe, seed: int, seconds: float | None = 
 
     epochs = float(recipe.epochs)
     if seconds is not None:
+        # probe one epoch on the model itself, then restore it (a model carrying torch's
+        # pruning reparametrisation cannot be deep-copied)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         t0 = time.perf_counter()
-        train(copy.deepcopy(model), data, dataclasses.replace(recipe, epochs=1), seed=seed)
+        train(model, data, dataclasses.replace(recipe, epochs=1), seed=seed)
         per_epoch = time.perf_counter() - t0
+        model.load_state_dict(state)
         epochs = float(max(1, int((seconds - per_epoch) // max(per_epoch, 1e-9))))
     if epochs > 0:
         train(model, data, dataclasses.replace(recipe, epochs=epochs), seed=seed)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +14,9 @@ from pathlib import Path
 
 from . import store
 from .errors import UserError
+
+log = logging.getLogger("autoprune")
+STOP_WAIT_S = 3.0  # after SIGTERM to the server's process group, then SIGKILL
 
 
 def _tracker(out: str | Path, study: str, tracking_uri: str | None):
@@ -49,12 +55,60 @@ def ui_url(host: str, port: int, experiment_id: str | None = None) -> str:
 
 
 def start_ui_server(backend_uri: str, artifact_root: str | None, host: str, port: int):
-    """Start `mlflow server` as a child process (127.0.0.1 unless told otherwise)."""
+    """Start `mlflow server` as a child process (127.0.0.1 unless told otherwise).
+
+    In its own session (process group): `mlflow server` starts uvicorn and job workers as
+    grandchildren, and signalling the whole group is what stops them all at once (terminating
+    only the parent left them serving for tens of seconds).
+    """
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--host", host, "--port", str(port), "--workers", "1"]
     if artifact_root:
         cmd += ["--artifacts-destination", artifact_root]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def stop_ui_server(proc: subprocess.Popen, wait: float = STOP_WAIT_S) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left of it after `wait` seconds."""
+    def signal_group(sig: signal.Signals) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(signal.SIGKILL)  # workers that outlived their parent, or a stuck parent
+    proc.wait(timeout=wait)
+
+
+def tag_experiments(uri: str) -> None:
+    """Mark every experiment of the store as model development (see EXPERIMENT_KIND)."""
+    from mlflow import MlflowClient
+
+    from .tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    client = MlflowClient(uri)
+    for exp in client.search_experiments():
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def open_browser(url: str) -> bool:
+    """Open `url` in a browser when this machine has one; False (and a hint) otherwise."""
+    import webbrowser
+
+    try:
+        ok = webbrowser.get().open(url)
+    except webbrowser.Error:
+        ok = False
+    if not ok:
+        log.warning("no browser found here: open the URL yourself")
+    return ok
 
 
 def wait_healthy(host: str, port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -72,37 +126,47 @@ def wait_healthy(host: str, port: int, proc: subprocess.Popen, timeout: float = 
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
-    proc.terminate()
+    stop_ui_server(proc)
     raise UserError(f"the MLflow server did not answer on {shown}:{port} within {timeout:.0f} s")
 
 
 def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
-             tracking_uri: str | None = None, study: str | None = None) -> int:
-    """Serve the MLflow UI on the search's tracking store until interrupted."""
+             tracking_uri: str | None = None, study: str | None = None,
+             open_in_browser: bool = False) -> int:
+    """Serve the MLflow UI on the search's tracking store until interrupted.
+
+    Prints the root URL and, for a study, the URL of its runs table; every experiment is tagged
+    as model development first, so the UI opens on runs rather than on GenAI traces.
+    """
     out = Path(out).expanduser().resolve()
     uri = _store_uri(out, tracking_uri)
     if uri.startswith("http"):
         raise UserError(f"{uri} is already a tracking server: open it in a browser")
+    tag_experiments(uri)
     experiment_id = None
     if study:
         import mlflow
 
         exp = mlflow.MlflowClient(uri).get_experiment_by_name(study)
-        experiment_id = exp.experiment_id if exp else None
+        if exp is None:
+            raise UserError(f"no experiment '{study}' in {uri}: run `autoprune search --study "
+                            f"{study} --out {out}` first")
+        experiment_id = exp.experiment_id
     proc = start_ui_server(uri, str(out / "mlartifacts"), host, port)
     try:
         wait_healthy(host, port, proc)
-        print(f"MLflow UI: {ui_url(host, port, experiment_id)}  (Ctrl-C to stop)", flush=True)
+        url = ui_url(host, port, experiment_id)
+        print(f"MLflow UI: {url}  (Ctrl-C to stop)", flush=True)
+        if experiment_id:
+            print(f"all experiments: {ui_url(host, port)}", flush=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
             print("warning: the UI is reachable from other machines and has no authentication",
                   file=sys.stderr)
+        if open_in_browser:
+            open_browser(url)
         proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_ui_server(proc)
     return 0

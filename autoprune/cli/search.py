@@ -97,7 +97,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from ..reporting import serve_ui
 
     return serve_ui(args.out, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
-                    study=args.study)
+                    study=args.study, open_in_browser=args.open)
 
 
 def add_commands(sub, common) -> None:
@@ -152,6 +152,8 @@ def add_commands(sub, common) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the store to "
                         "everyone who can reach this machine)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--open", action="store_true",
+                   help="open the printed URL in a browser (where this machine has one)")
     p.set_defaults(func=cmd_ui)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -130,6 +131,10 @@ def wait_healthy(host: str, port: int, proc: subprocess.Popen, timeout: float = 
     raise UserError(f"the MLflow server did not answer on {shown}:{port} within {timeout:.0f} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
              tracking_uri: str | None = None, study: str | None = None,
              open_in_browser: bool = False) -> int:
@@ -153,6 +158,10 @@ def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
                             f"{study} --out {out}` first")
         experiment_id = exp.experiment_id
     proc = start_ui_server(uri, str(out / "mlartifacts"), host, port)
+    # SIGTERM (kill, a service manager) stops it like Ctrl-C: the server group goes with it
+    # instead of serving on, orphaned.
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         wait_healthy(host, port, proc)
         url = ui_url(host, port, experiment_id)

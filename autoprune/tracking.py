@@ -429,5 +429,11 @@ class Tracker:
             self.client.log_table(parent_id, front_table(points, on_front, _number(
                 dense.get(VAL_ACC))), ART_TRIALS_TABLE)
         self._log(parent_id, self._front_curve(front_pts))
+        best = max(front_pts, key=lambda p: _number(p.get(VAL_ACC)) or 0.0, default=None)
+        limits = ",".join(f"{k}={float(v):g}" for k, v in budget_limits.items())
+        name = f"search {self.study} {limits}" + (
+            f": best {run_name(int(best.get('trial', -1)), str(best.get('method')), best)}"
+            if best else ": no trial in budget")
+        self.client.update_run(parent_id, name=name)
         self.client.set_terminated(parent_id, status=status, end_time=_now_ms())
         return {"front": front_pts, HYPERVOLUME: hv}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -51,39 +55,123 @@ def test_report_without_a_store_is_a_clear_error(tmp_path, capsys):
     assert "no tracking store" in capsys.readouterr().err
 
 
+def test_runs_say_method_and_result_and_the_parent_holds_the_front(store):
+    """What the runs table and its charts show without downloading anything."""
+    from mlflow import MlflowClient
+
+    out, parent = store
+    client = MlflowClient(default_tracking_uri(out))
+    exp = client.get_experiment_by_name("digits-lenet")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["autoprune.trial"]: r for r in client.search_runs(
+        [exp.experiment_id], "tags.`autoprune.role` = 'trial'")}
+    assert runs["1"].info.run_name == "t1 admm val 0.970 flops 0.35"
+    m = runs["1"].data.metrics
+    assert m["acc/val"] == 0.97 and m["frac/flops"] == 0.35 and m["frac/params"] == 0.30
+    assert abs(m["acc/drop_val"] - 0.01) < 1e-9
+    assert client.get_run(parent).info.run_name == (
+        "search digits-lenet flops=0.4: best t1 admm val 0.970 flops 0.35")
+    curve = client.get_metric_history(parent, "front/val_acc_by_flops_permille")
+    assert [(c.step, c.value) for c in curve] == [(350, 0.97)]
+    table = json.loads(Path(client.download_artifacts(parent, "trials_table.json")).read_text())
+    assert table["columns"][:3] == ["trial", "method", "val_accuracy"]
+    assert [r[0] for r in table["data"]] == [0, 1, 2]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_autoprune_ui_serves_the_runs_over_rest(store):
-    """The real command: `autoprune ui` prints its URL and the server answers MLflow's REST API."""
-    out, parent = store
+@pytest.fixture(scope="module")
+def ui(store):
+    """The real command: `autoprune ui` in a subprocess, on a store with one untagged (older)
+    experiment besides the study's. Yields (process, printed URL, port)."""
+    from mlflow import MlflowClient
+
+    out, _ = store
+    MlflowClient(default_tracking_uri(out)).create_experiment("older")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "autoprune", "ui", "--out", str(out),
                              "--port", str(port), "--study", "digits-lenet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # printed once /health answers
     try:
-        line = proc.stdout.readline()  # printed once /health answers
-        assert line.startswith("MLflow UI: http://127.0.0.1:"), line
-        assert "workflowType=machine_learning" in line
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
-            "?experiment_name=digits-lenet")
-        exp = json.load(urllib.request.urlopen(req, timeout=30))["experiment"]
-        body = json.dumps({"experiment_ids": [exp["experiment_id"]],
-                           "filter": "tags.`autoprune.pareto` = 'true'"}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
-                                     data=body, headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(req, timeout=30))["runs"]
-        assert len(runs) == 1
-        tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
-        assert tags["autoprune.trial"] == "1" and tags["mlflow.parentRunId"] == parent
+        assert line.startswith("MLflow UI: http://127.0.0.1:"), line + proc.stderr.read()
+        yield proc, line.split()[2], port
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+def _rest(port: int, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=30))
+
+
+def test_autoprune_ui_serves_the_runs_over_rest(store, ui):
+    out, parent = store
+    _, url, port = ui
+    assert url.endswith("/runs?workflowType=machine_learning")
+    exp = _rest(port, "experiments/get-by-name?experiment_name=digits-lenet")["experiment"]
+    assert f"/#/experiments/{exp['experiment_id']}/runs" in url
+    runs = _rest(port, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                       "filter": "tags.`autoprune.pareto` = 'true'"})["runs"]
+    assert len(runs) == 1
+    tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+    assert tags["autoprune.trial"] == "1" and tags["mlflow.parentRunId"] == parent
+    # every experiment opens on its runs, not on MLflow 3's GenAI traces overview
+    older = _rest(port, "experiments/get-by-name?experiment_name=older")["experiment"]
+    assert {t["key"]: t["value"] for t in older["tags"]}["mlflow.experimentKind"] == \
+        "custom_model_development"
+
+
+def _chromium() -> str | None:
+    """Debian's chromium; on CI with apt, try to install it (never fail when that fails)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found or os.environ.get("CI") != "true" or not shutil.which("apt-get"):
+        return found
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True,
+                       timeout=600)
+    return shutil.which("chromium")
+
+
+def test_the_printed_url_opens_the_runs_table_in_a_browser(ui, tmp_path):
+    """Headless Chromium renders the printed URL: the study's runs table, not the GenAI
+    welcome page, with the search's run named by its best result."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install chromium) to render the UI")
+    _, url, _ = ui
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 and not proc.stdout:
+        pytest.skip(f"chromium could not run here: {proc.stderr.strip()[-200:]}")
+    dom = proc.stdout
+    assert "search digits-lenet flops=0.4: best t1 admm val 0.970 flops 0.35" in dom
+    assert "matching runs" in dom  # the runs table itself
+
+
+def test_ctrl_c_stops_the_ui_and_its_server(ui):
+    """Ctrl-C ends `autoprune ui` with 0 and takes MLflow's server (uvicorn, job workers)
+    down with it: the port no longer answers."""
+    proc, _, port = ui
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
     assert proc.returncode == 0
+    with pytest.raises(OSError):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass

@@ -179,3 +179,56 @@ def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
     finally:
         stop_ui_server(proc)
     return 0
+
+
+def _latest_any(client) -> tuple[str, object] | None:
+    """(study, parent run) of the most recent search of any study in the store."""
+    from .names import ROLE_SEARCH, TAG_ROLE, TAG_STUDY
+
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, f"tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) \
+        if exp_ids else []
+    return (runs[0].data.tags.get(TAG_STUDY, ""), runs[0]) if runs else None
+
+
+def trials_frame(out: str | Path, study: str | None = None, tracking_uri: str | None = None,
+                 front: bool = False):
+    """The latest search of `study` (else of the most recent study searched in `out`) as a
+    pandas DataFrame, one row per trial: trial, method, status, pareto, feasible, the method's
+    hyperparameters (as logged, strings), per-layer sparsities (`sparsity/<layer>`) and every
+    final metric. `front=True`: only the Pareto front. Sorted by trial number."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from .names import TAG_FEASIBLE, TAG_METHOD, TAG_PARENT, TAG_PARETO, TAG_TRIAL
+
+    out = Path(out).expanduser().resolve()
+    client = MlflowClient(_store_uri(out, tracking_uri))
+    if study is None:
+        found = _latest_any(client)
+        if found is None:
+            raise UserError(f"no search is recorded in {out}")
+        study, parent = found
+    else:
+        parent = store.latest_search(client, study)
+        if parent is None:
+            raise UserError(f"no search of study '{study}' is recorded in {out}")
+    rows = []
+    for r in store.search_runs(client, [parent.info.experiment_id],
+                               f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'"):
+        tags = r.data.tags
+        if not tags.get(TAG_TRIAL, "").lstrip("-").isdigit():
+            continue
+        row = {"trial": int(tags[TAG_TRIAL]), "method": tags.get(TAG_METHOD),
+               "status": r.info.status, "pareto": tags.get(TAG_PARETO) == "true",
+               "feasible": tags.get(TAG_FEASIBLE, "true") == "true", "study": study}
+        row.update({k: v for k, v in r.data.params.items() if k != "method"})
+        row.update(r.data.metrics)
+        row["run_id"] = r.info.run_id
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df = df.sort_values("trial").reset_index(drop=True)
+    return df[df["pareto"]].reset_index(drop=True) if front else df

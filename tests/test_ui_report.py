@@ -175,3 +175,22 @@ def test_ctrl_c_stops_the_ui_and_its_server(ui):
     with pytest.raises(OSError):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
+
+
+def test_report_gives_the_trials_and_the_front_as_dataframes(store, capsys):
+    import io
+
+    import pandas as pd
+
+    import autoprune
+
+    out, _ = store
+    df = autoprune.report(out)  # the latest search of whatever study was searched
+    assert list(df["trial"]) == [0, 1, 2] and list(df["method"]) == ["magnitude", "admm", "admm"]
+    assert list(df["pareto"]) == [False, True, False]
+    assert list(df["val_accuracy"]) == [0.95, 0.97, 0.90]
+    assert list(df["frac/flops"]) == [0.40, 0.35, 0.38]
+    assert list(autoprune.report(out, "digits-lenet", front=True)["trial"]) == [1]
+    assert main(["report", "--out", str(out), "--study", "digits-lenet", "--csv"]) == 0
+    csv = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(csv["trial"]) == [0, 1, 2] and "acc/drop_val" in csv.columns

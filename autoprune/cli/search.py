@@ -78,8 +78,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..reporting import report
+    from ..reporting import report, trials_frame
 
+    if args.csv:  # every trial, one row each (method, hyperparameters, sparsities, metrics)
+        trials_frame(args.out, args.study, args.tracking_uri).to_csv(sys.stdout, index=False)
+        return 0
     rows = report(args.out, args.study, tracking_uri=args.tracking_uri)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -142,6 +145,9 @@ def add_commands(sub, common) -> None:
     p.add_argument("--study", default="digits-lenet")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--csv", action="store_true",
+                   help="print every trial as CSV (method, hyperparameters, per-layer "
+                        "sparsities, all metrics; `pareto` marks the front)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")

@@ -22,13 +22,13 @@ from ..data import TensorData, load_dataset
 from ..engine import evaluate_split
 from ..errors import UserError
 from ..flops import Accountant, count_dense
-from ..models import build_model
 from ..study import Study
 from .checkpoint import (
     CARD,
     CHECKPOINT,
     ONNX,
     _architecture,
+    dense_reference,
     load_exported,
     removed_channels,
     save_checkpoint,
@@ -114,8 +114,7 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
     arch = _architecture(study, example)
 
     # Counts: mask-aware against the dense architecture, and of the compacted model as it is.
-    reference = build_model(study.model, arch["num_classes"], arch["in_channels"],
-                            arch["image_size"]).to(device)
+    reference = dense_reference(study, arch).to(device)
     accountant = Accountant(reference, example)
     counts = accountant.count(model)
     compacted = compact(model, example, accountant.graph)
@@ -125,7 +124,8 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
     ckpt_path = to / CHECKPOINT
     save_checkpoint(compacted, arch, removed, ckpt_path,
                     extra={"study": study.name, "method": str(metrics.get("method", ""))})
-    exported = load_exported(ckpt_path)
+    exported = load_exported(ckpt_path, model=dense_reference(study, arch)
+                             if study.objects is not None else None)
 
     onnx_path = to / ONNX
     exporter = export_onnx(exported, example, onnx_path)

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import store
 from ..errors import UserError
-from ..study import load_study
+from ..study import Study, load_study
 from .card import CARD, export_model
 
 PICKS = ("max-accuracy", "min-flops")
@@ -82,18 +82,21 @@ def register_export(tracking_uri: str, study: str, export_dir: Path, point: dict
             "artifact_uri": source, "tracking_uri": tracking_uri}
 
 
-def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
+def export_best(out: str | os.PathLike, study: str | Study, to: str | os.PathLike,
                 budget: str | None = None, pick: str = "max-accuracy",
                 tracking_uri: str | None = None, data_root: str | None = None, seed: int = 0,
                 *, optuna_storage: str | None = None) -> dict[str, Any]:
     """Export the best recorded trial of the search in `<out>/<study>` and register it.
 
+    `study` is a name, a YAML path or a `Study`: a `Study.custom` search is exported from its
+    trial checkpoint and the study's own model object (load it back with
+    `load_exported(to, model=<an instance of the class>)`).
     Returns the model card plus `registered_model`, `version`, `model_uri`, `run_id`.
     """
     from ..dense import load_state
     from ..pipeline import Workbench
 
-    st = load_study(study)
+    st = study if isinstance(study, Study) else load_study(study)
     out_dir = Path(out).expanduser().resolve()
     study_dir = out_dir / st.name
     ot_study = store.open_search(study_dir, st.name, optuna_storage)

@@ -58,3 +58,29 @@ def test_bad_study_file_is_one_line_error(tmp_path, capsys):
     bad.write_text("model: lenet5\ndataset: mnist\nfoo: 1\n")
     rc = main(["prune", "--method", "magnitude", "--study", str(bad), "--out", str(tmp_path)])
     assert rc == 2 and "unknown key(s) foo" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version():
+    import autoprune
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"autoprune {autoprune.__version__}"
+
+
+def test_quiet_hides_progress_and_keeps_the_result(tmp_path, capsys, pretrained):
+    """-q: no progress lines on stderr, the result on stdout; without it the progress shows."""
+    import torch
+
+    ckpt = tmp_path / "dense.pt"
+    torch.save(pretrained, ckpt)
+    argv = ["prune", "--method", "magnitude", "--set", "gradual=false", "--set", "epochs=0",
+            "--finetune", "epochs=0", "--out", str(tmp_path), "--dense-checkpoint", str(ckpt)]
+    assert main(["-q", *argv]) == 0
+    got = capsys.readouterr()
+    assert got.err == "" and "test accuracy" in got.out
+    assert main(argv) == 0
+    assert "dense baseline: val" in capsys.readouterr().err
+    # after the command too, and -v counts
+    assert build_parser().parse_args([*argv, "--quiet"]).quiet is True
+    assert build_parser().parse_args(["-v", *argv]).verbose == 1
+    assert build_parser().parse_args(argv).quiet is False

@@ -88,6 +88,7 @@ def test_a_custom_study_exports_through_the_python_api(searched, digits, tmp_pat
     assert card["exported"]["test_accuracy"] == test  # re-measured from the file
     assert card["exported"]["params"] < card["dense"]["params"]  # filters physically removed
     assert json.loads((tmp_path / "export" / CARD).read_text())["model"] == "UserNet"
+    assert "autoprune.export(" in card["reproduce"]["export"] and "model=UserNet" in card["load"]
     loaded = load_exported(tmp_path / "export", model=UserNet())
     assert loaded.conv1.out_channels == 4 and loaded.conv2.out_channels == 8
     assert evaluate(loaded, digits.test_x, digits.test_y) == test

@@ -232,3 +232,36 @@ def trials_frame(out: str | Path, study: str | None = None, tracking_uri: str | 
         return df
     df = df.sort_values("trial").reset_index(drop=True)
     return df[df["pareto"]].reset_index(drop=True) if front else df
+
+
+def measure_speedup(study, out: str | Path, checkpoint: str | Path, *,
+                    data_root: str | None = None, seed: int = 0,
+                    batch: int = 32) -> dict[str, float] | None:
+    """Median CPU time of one forward pass of `batch` inputs, dense vs the compacted pruned
+    model of `checkpoint` (a few repeats: a measurement to show, on this machine), or None
+    when it cannot be measured here (no checkpoint, data not loadable)."""
+    import torch
+
+    from .dense import load_state
+    from .export.card import LATENCY_THREADS, measure_latency
+    from .pipeline import Workbench
+    from .pruning.compaction import compact
+    from .study import Study, load_study
+
+    try:
+        st = study if isinstance(study, Study) else load_study(study)
+        wb = Workbench.open(st, Path(out), data_root=data_root, seed=seed, device="cpu")
+        dense = wb.fresh_model().eval()
+        pruned = wb.fresh_model()
+        pruned.load_state_dict(load_state(checkpoint, pruned))
+        example = wb.data.example()
+        compacted = compact(pruned.eval(), example, wb.accountant.graph)
+        shape = list(example.shape[1:])
+        with torch.no_grad():
+            d_ms = measure_latency(dense, shape, batch, repeats=15, max_seconds=0.5)
+            c_ms = measure_latency(compacted, shape, batch, repeats=15, max_seconds=0.5)
+    except (UserError, OSError, RuntimeError) as exc:
+        log.debug(f"speed-up not measured: {exc}")
+        return None
+    return {"batch": batch, "threads": LATENCY_THREADS, "dense_ms": d_ms, "compacted_ms": c_ms,
+            "speedup": d_ms / c_ms}

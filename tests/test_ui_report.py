@@ -194,3 +194,33 @@ def test_report_gives_the_trials_and_the_front_as_dataframes(store, capsys):
     assert main(["report", "--out", str(out), "--study", "digits-lenet", "--csv"]) == 0
     csv = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(csv["trial"]) == [0, 1, 2] and "acc/drop_val" in csv.columns
+
+
+def test_printed_front_shows_drop_fractions_and_the_budget():
+    """The front stays exact (a val 0.25 point stays), with drop vs dense, the four
+    fractions ('-' where a record lacks one) and whether each point meets the budget."""
+    import io
+
+    from autoprune.cli.search import print_front
+
+    summary = {"study": "digits-lenet", "budget": "flops=0.4", "trials_completed": 2,
+               "trials_failed": 0, "trials_pruned": 0,
+               "dense": {"val_accuracy": 0.98, "test_accuracy": 0.97},
+               "pareto": [{"trial": 0, "method": "admm", "val_accuracy": 0.25,
+                           "flops_frac": 0.05, "params_frac": 0.1, "feasible": True},
+                          {"trial": 3, "method": "magnitude", "val_accuracy": 0.97,
+                           "test_accuracy": 0.96, "flops_frac": 0.38,
+                           "sparse_flops_frac": 0.2, "params_frac": 0.3, "weights_frac": 0.28,
+                           "feasible": False}],
+               "best": {"trial": 3, "method": "magnitude", "val_accuracy": 0.97,
+                        "cpu_speedup": {"batch": 32, "threads": 2, "dense_ms": 1.0,
+                                        "compacted_ms": 0.5, "speedup": 2.0}}}
+    buf = io.StringIO()
+    print_front(summary, buf)
+    rows = {line.split()[0]: line.split() for line in buf.getvalue().splitlines()
+            if line.split() and line.split()[0] in ("0", "3")}
+    assert rows["0"][2:9] == ["0.2500", "+0.7300", "-", "0.0500", "-", "0.1000", "-"]
+    assert rows["0"][9] == "met"
+    assert rows["3"][2:10] == ["0.9700", "+0.0100", "0.9600", "0.3800", "0.2000", "0.3000",
+                               "0.2800", "over"]
+    assert "speed-up of its compacted model: 2.00x" in buf.getvalue()

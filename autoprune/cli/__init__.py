@@ -39,13 +39,6 @@ def _quiet_libraries() -> None:
         pass
 
 
-class _Stderr(logging.Handler):
-    """Progress lines to whatever `sys.stderr` is now (tests swap it), message only."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
-
-
 # -q / -v of this invocation: -1 quiet (warnings and errors only), 0 progress, 1 debug.
 _verbosity = 0
 
@@ -53,9 +46,11 @@ _verbosity = 0
 def progress_log(quiet: bool) -> Callable[[str], None]:
     """Show the one logger of autoprune ("autoprune", INFO: progress lines) on stderr, unless
     `quiet` (--json: only the result is printed) or -q; -v adds debug lines. Returns `info`."""
+    from .progress import ProgressHandler
+
     logger = logging.getLogger("autoprune")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
+    if not any(isinstance(h, ProgressHandler) for h in logger.handlers):
+        logger.addHandler(ProgressHandler())
         logger.propagate = False
     if quiet or _verbosity < 0:
         logger.setLevel(logging.WARNING)

@@ -234,20 +234,36 @@ def trials_frame(out: str | Path, study: str | None = None, tracking_uri: str | 
     return df[df["pareto"]].reset_index(drop=True) if front else df
 
 
+def _alternating_medians(a, b, x, repeats: int) -> tuple[float, float]:
+    """Median ms of `a(x)` and `b(x)`, timed in alternation (a busy host slows both alike)."""
+    import statistics
+
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
+        a(x), b(x)
+    for _ in range(repeats):
+        for f, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            f(x)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def measure_speedup(study, out: str | Path, checkpoint: str | Path, *,
-                    data_root: str | None = None, seed: int = 0,
-                    batch: int = 32) -> dict[str, float] | None:
+                    data_root: str | None = None, seed: int = 0, batch: int = 32,
+                    repeats: int = 21) -> dict[str, float] | None:
     """Median CPU time of one forward pass of `batch` inputs, dense vs the compacted pruned
-    model of `checkpoint` (a few repeats: a measurement to show, on this machine), or None
-    when it cannot be measured here (no checkpoint, data not loadable)."""
+    model of `checkpoint`, on one thread, timed in alternation (a measurement to show, on this
+    machine), or None when it cannot be measured here (no checkpoint, data not loadable)."""
     import torch
 
     from .dense import load_state
-    from .export.card import LATENCY_THREADS, measure_latency
     from .pipeline import Workbench
     from .pruning.compaction import compact
     from .study import Study, load_study
 
+    threads = torch.get_num_threads()
     try:
         st = study if isinstance(study, Study) else load_study(study)
         wb = Workbench.open(st, Path(out), data_root=data_root, seed=seed, device="cpu")
@@ -255,13 +271,15 @@ def measure_speedup(study, out: str | Path, checkpoint: str | Path, *,
         pruned = wb.fresh_model()
         pruned.load_state_dict(load_state(checkpoint, pruned))
         example = wb.data.example()
-        compacted = compact(pruned.eval(), example, wb.accountant.graph)
-        shape = list(example.shape[1:])
-        with torch.no_grad():
-            d_ms = measure_latency(dense, shape, batch, repeats=15, max_seconds=0.5)
-            c_ms = measure_latency(compacted, shape, batch, repeats=15, max_seconds=0.5)
+        compacted = compact(pruned.eval(), example, wb.accountant.graph).eval()
+        x = torch.randn(batch, *example.shape[1:])
+        torch.set_num_threads(1)  # one thread: steady on a shared host
+        with torch.inference_mode():
+            d_ms, c_ms = _alternating_medians(dense, compacted, x, repeats)
     except (UserError, OSError, RuntimeError) as exc:
         log.debug(f"speed-up not measured: {exc}")
         return None
-    return {"batch": batch, "threads": LATENCY_THREADS, "dense_ms": d_ms, "compacted_ms": c_ms,
+    finally:
+        torch.set_num_threads(threads)
+    return {"batch": batch, "threads": 1, "dense_ms": d_ms, "compacted_ms": c_ms,
             "speedup": d_ms / c_ms}

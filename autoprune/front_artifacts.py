@@ -58,6 +58,30 @@ def run_name(trial: int, method: str, metrics: Mapping[str, Any] | None = None) 
     return name
 
 
+def front_curve(front_pts: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    """The front as FRONT_CURVE points (step: FLOPs fraction in permille, value: validation
+    accuracy); of two points at one step the more accurate stays (a chart draws one a step)."""
+    best: dict[int, float] = {}
+    for p in front_pts:
+        val, flops = number(p.get(VAL_ACC)), number(p.get(FLOPS_FRAC))
+        if val is not None and flops is not None:
+            step = int(round(flops * 1000))
+            best[step] = max(val, best.get(step, val))
+    return sorted(best.items())
+
+
+def search_name(study: str, budget_limits: Mapping[str, float],
+                front_pts: Sequence[Mapping[str, Any]]) -> str:
+    """The parent run's name once ranked: `search digits-lenet flops=0.4: best t1 admm ...`
+    (the UI shows parents with their children folded: the name is what is seen)."""
+    best = max(front_pts, key=lambda p: number(p.get(VAL_ACC)) or 0.0, default=None)
+    limits = ",".join(f"{k}={float(v):g}" for k, v in budget_limits.items())
+    if best is None:
+        return f"search {study} {limits}: no trial in budget"
+    return f"search {study} {limits}: best " + run_name(int(best.get("trial", -1)),
+                                                         str(best.get("method")), best)
+
+
 def front_table(points: Sequence[Mapping[str, Any]], on_front: set[int],
                 dense_val: float | None) -> dict[str, list]:
     """Every trial as columns for `MlflowClient.log_table` (the UI's artifact view renders it

@@ -37,10 +37,12 @@ from .front_artifacts import (
     FRONT_CURVE,
     columns_of,
     csv_text,
+    front_curve,
     front_table,
     pareto_figure,
     row,
     run_name,
+    search_name,
     short_metrics,
 )
 from .front_artifacts import number as _number
@@ -54,7 +56,6 @@ from .names import (
     ART_TRIALS_CSV,
     DENSE_PREFIX,
     FLOPS,
-    FLOPS_FRAC,
     HYPERVOLUME,
     PARAMS,
     PARETO_SIZE,
@@ -365,19 +366,6 @@ class Tracker:
                 out.append(Metric(_key(f"{phase}/epoch"), float(rec["epoch"]), ts, step))
         return out
 
-    @staticmethod
-    def _front_curve(front_pts: Sequence[Mapping[str, Any]]) -> list[Metric]:
-        """The front as FRONT_CURVE: validation accuracy stepped by FLOPs fraction (permille);
-        of two points at one step the more accurate stays (a chart draws one value a step)."""
-        best: dict[int, float] = {}
-        for p in front_pts:
-            val, flops = _number(p.get(VAL_ACC)), _number(p.get(FLOPS_FRAC))
-            if val is not None and flops is not None:
-                step = int(round(flops * 1000))
-                best[step] = max(val, best.get(step, val))
-        ts = _now_ms()
-        return [Metric(FRONT_CURVE, v, ts, s) for s, v in sorted(best.items())]
-
     def _new_points(self, run_id: str, curves: list[Metric]) -> list[Metric]:
         """Curve points whose (key, step) is not stored yet: a re-logged trial adds no repeats."""
         keys = {m.key for m in curves}
@@ -428,12 +416,9 @@ class Tracker:
             warnings.simplefilter("ignore")
             self.client.log_table(parent_id, front_table(points, on_front, _number(
                 dense.get(VAL_ACC))), ART_TRIALS_TABLE)
-        self._log(parent_id, self._front_curve(front_pts))
-        best = max(front_pts, key=lambda p: _number(p.get(VAL_ACC)) or 0.0, default=None)
-        limits = ",".join(f"{k}={float(v):g}" for k, v in budget_limits.items())
-        name = f"search {self.study} {limits}" + (
-            f": best {run_name(int(best.get('trial', -1)), str(best.get('method')), best)}"
-            if best else ": no trial in budget")
-        self.client.update_run(parent_id, name=name)
+        ts = _now_ms()
+        self._log(parent_id, [Metric(FRONT_CURVE, v, ts, step) for step, v in
+                              front_curve(front_pts)])
+        self.client.update_run(parent_id, name=search_name(self.study, budget_limits, front_pts))
         self.client.set_terminated(parent_id, status=status, end_time=_now_ms())
         return {"front": front_pts, HYPERVOLUME: hv}

@@ -224,3 +224,26 @@ def test_printed_front_shows_drop_fractions_and_the_budget():
     assert rows["3"][2:10] == ["0.9700", "+0.0100", "0.9600", "0.3800", "0.2000", "0.3000",
                                "0.2800", "over"]
     assert "speed-up of its compacted model: 2.00x" in buf.getvalue()
+
+
+def test_open_uses_a_browser_where_there_is_one(monkeypatch):
+    import webbrowser
+
+    from autoprune.reporting import open_browser
+
+    opened = []
+
+    class Browser:
+        def open(self, url: str) -> bool:
+            opened.append(url)
+            return True
+
+    monkeypatch.setattr(webbrowser, "get", lambda: Browser())
+    assert open_browser("http://127.0.0.1:5000/#/experiments/1/runs") is True
+    assert opened == ["http://127.0.0.1:5000/#/experiments/1/runs"]
+
+    def none():
+        raise webbrowser.Error("could not locate runnable browser")
+
+    monkeypatch.setattr(webbrowser, "get", none)
+    assert open_browser("http://127.0.0.1:5000/") is False  # headless: a hint, no traceback

@@ -93,12 +93,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}  run")
+    dense_val = rows["metrics"].get("dense_val_accuracy")
+    print(f"{'trial':>5} {'method':<12} {'val':>7} {'drop':>7} {'test':>7} {'flops':>7} "
+          f"{'sparse':>7} {'params':>7} {'weights':>7}  run")
     for r in rows["pareto"]:
-        print(f"{r.get('trial', '-')!s:>5} {r.get('method', '-'):<12} "
-              f"{r.get('val_accuracy', float('nan')):>7.4f} "
-              f"{r.get('test_accuracy', float('nan')):>7.4f} {r.get('flops_frac'):>7.4f} "
-              f"{r.get('params_frac'):>7.4f}  {r.get('run_id', '')}")
+        val = r.get("val_accuracy")
+        drop = dense_val - val if dense_val is not None and val is not None else None
+        print(f"{r.get('trial', '-')!s:>5} {r.get('method') or '-':<12} {_f(val)} "
+              f"{_f(drop, signed=True)} {_f(r.get('test_accuracy'))} {_f(r.get('flops_frac'))} "
+              f"{_f(r.get('sparse_flops_frac'))} {_f(r.get('params_frac'))} "
+              f"{_f(r.get('weights_frac'))}  {r.get('run_id', '')}")
     return 0
 
 

@@ -100,10 +100,14 @@ def ui(store):
     try:
         assert line.startswith("MLflow UI: http://127.0.0.1:"), line + proc.stderr.read()
         yield proc, line.split()[2], port
-    finally:
+    finally:  # a stop it handles (SIGKILL would leave MLflow's server group orphaned)
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _rest(port: int, path: str, body: dict | None = None) -> dict:

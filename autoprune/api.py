@@ -121,3 +121,29 @@ def search(study: str | Study = "digits-lenet", budget: str | None = None,
     if unknown:
         raise UserError(f"unknown search option(s): {', '.join(sorted(unknown))}")
     return run_search(SearchOptions(study=study, budget=budget, **options))
+
+
+def export(out: str | Path, study: str | Study, to: str | Path, *, budget: str | None = None,
+           pick: str = "max-accuracy", tracking_uri: str | None = None,
+           data_root: str | None = None, seed: int = 0) -> dict:
+    """Export the best recorded trial of a search (`autoprune export`); returns the model card.
+
+    `study` is a name, a .yaml path or the `Study` searched, a `Study.custom` included: its
+    export is rebuilt from the trial checkpoint and the study's model object. Load it back with
+    `autoprune.export.load_exported(to)` (for a custom model: `load_exported(to, model=...)`).
+    """
+    from .export.registry import export_best
+
+    return export_best(out, study, to, budget=budget, pick=pick, tracking_uri=tracking_uri,
+                       data_root=data_root, seed=seed)
+
+
+def report(out: str | Path = "autoprune-runs", study: str | Study | None = None, *,
+           front: bool = False, tracking_uri: str | None = None):
+    """The trials of the latest search in `out` as a pandas DataFrame, one row per trial
+    (method, hyperparameters, per-layer sparsities, every metric; `pareto` marks the front).
+    `front=True` keeps the front only. `study` defaults to the most recently searched one."""
+    from .reporting import trials_frame
+
+    name = study.name if isinstance(study, Study) else study
+    return trials_frame(out, name, tracking_uri, front=front)

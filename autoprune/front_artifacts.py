@@ -14,9 +14,93 @@ import numpy as np
 from . import pareto
 from .names import FLOPS_FRAC, PARAMS_FRAC, TEST_ACC, VAL_ACC
 
+# The four kept fractions of a budget kind (keys of a trial's metrics): MACs of the compacted
+# model, MACs of the nonzero weights, nonzero params (biases, BN included), nonzero weights.
+FRACTIONS = (FLOPS_FRAC, "sparse_flops_frac", PARAMS_FRAC, "weights_frac")
 # Columns of the front/trial tables, in this order.
-POINT_COLUMNS = ("trial", "method", VAL_ACC, TEST_ACC, FLOPS_FRAC, PARAMS_FRAC, "feasible",
-                 "run_id")
+POINT_COLUMNS = ("trial", "method", VAL_ACC, TEST_ACC, *FRACTIONS, "feasible", "run_id")
+# Short metric names of every trial run, what a user compares in the runs table and charts
+# (the UI groups metrics by the part before '/': an "acc" and a "frac" section).
+SHORT_ACC = {"acc/val": VAL_ACC, "acc/test": TEST_ACC}
+SHORT_FRAC = {"frac/flops": FLOPS_FRAC, "frac/sparse_flops": "sparse_flops_frac",
+              "frac/params": PARAMS_FRAC, "frac/weights": "weights_frac"}
+# The front on the parent run as a curve: accuracy at step = FLOPs fraction in permille, so the
+# parent's chart of this metric is accuracy against FLOPs, nothing to download.
+FRONT_CURVE = "front/val_acc_by_flops_permille"
+
+
+def short_metrics(metrics: Mapping[str, Any], dense_val: float | None = None,
+                  dense_test: float | None = None) -> dict[str, float]:
+    """The short-named metrics of a trial: accuracies, drop vs dense, the four fractions
+    (read with .get(): a record without one of them still gives the others)."""
+    out: dict[str, float] = {}
+    for short, key in (*SHORT_ACC.items(), *SHORT_FRAC.items()):
+        if (x := number(metrics.get(key))) is not None:
+            out[short] = x
+    dense_val = number(metrics.get("dense_val_accuracy", dense_val))
+    dense_test = number(metrics.get("dense_test_accuracy", dense_test))
+    if dense_val is not None and "acc/val" in out:
+        out["acc/drop_val"] = dense_val - out["acc/val"]
+    if dense_test is not None and "acc/test" in out:
+        out["acc/drop_test"] = dense_test - out["acc/test"]
+    return out
+
+
+def run_name(trial: int, method: str, metrics: Mapping[str, Any] | None = None) -> str:
+    """`t7 admm/filter val 0.981 flops 0.38`: method and result at first sight in the table."""
+    metrics = metrics or {}
+    gran = metrics.get("granularity")
+    name = f"t{trial} {method}" + (f"/{gran}" if isinstance(gran, str) and gran else "")
+    if (val := number(metrics.get(VAL_ACC))) is not None:
+        name += f" val {val:.3f}"
+    if (flops := number(metrics.get(FLOPS_FRAC))) is not None:
+        name += f" flops {flops:.2f}"
+    return name
+
+
+def front_curve(front_pts: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
+    """The front as FRONT_CURVE points (step: FLOPs fraction in permille, value: validation
+    accuracy); of two points at one step the more accurate stays (a chart draws one a step)."""
+    best: dict[int, float] = {}
+    for p in front_pts:
+        val, flops = number(p.get(VAL_ACC)), number(p.get(FLOPS_FRAC))
+        if val is not None and flops is not None:
+            step = int(round(flops * 1000))
+            best[step] = max(val, best.get(step, val))
+    return sorted(best.items())
+
+
+def search_name(study: str, budget_limits: Mapping[str, float],
+                front_pts: Sequence[Mapping[str, Any]]) -> str:
+    """The parent run's name once ranked: `search digits-lenet flops=0.4: best t1 admm ...`
+    (the UI shows parents with their children folded: the name is what is seen)."""
+    best = max(front_pts, key=lambda p: number(p.get(VAL_ACC)) or 0.0, default=None)
+    limits = ",".join(f"{k}={float(v):g}" for k, v in budget_limits.items())
+    if best is None:
+        return f"search {study} {limits}: no trial in budget"
+    return f"search {study} {limits}: best " + run_name(int(best.get("trial", -1)),
+                                                         str(best.get("method")), best)
+
+
+def front_table(points: Sequence[Mapping[str, Any]], on_front: set[int],
+                dense_val: float | None) -> dict[str, list]:
+    """Every trial as columns for `MlflowClient.log_table` (the UI's artifact view renders it
+    as a table): accuracy, drop vs dense, the four fractions, whether on the front."""
+    cols: dict[str, list] = {c: [] for c in ("trial", "method", VAL_ACC, "acc_drop", TEST_ACC,
+                                             *FRACTIONS, "feasible", "pareto")}
+    for p in points:
+        val = number(p.get(VAL_ACC))
+        for c in cols:
+            if c == "acc_drop":
+                v = None if val is None or dense_val is None else dense_val - val
+            elif c == "pareto":
+                v = id(p) in on_front
+            elif c == "feasible":
+                v = bool(p.get("feasible", True))
+            else:
+                v = p.get(c)
+            cols[c].append(v)
+    return cols
 
 
 def number(v: Any) -> float | None:

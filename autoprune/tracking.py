@@ -21,6 +21,7 @@ import json
 import re
 import sqlite3
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +33,18 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from . import pareto, store
-from .front_artifacts import columns_of, csv_text, pareto_figure, row
+from .front_artifacts import (
+    FRONT_CURVE,
+    columns_of,
+    csv_text,
+    front_curve,
+    front_table,
+    pareto_figure,
+    row,
+    run_name,
+    search_name,
+    short_metrics,
+)
 from .front_artifacts import number as _number
 from .names import (
     ART_CONFIG,
@@ -72,6 +84,10 @@ ERROR_TAG_CHARS = 1000  # the tag shows the tail of a traceback; error.txt has a
 # MLflow's limits (mlflow.utils.validation): 100 params/tags and 1000 entities per log_batch.
 _BATCH_PARAMS, _BATCH_ENTITIES = 100, 1000
 _PARAM_CHARS, _TAG_CHARS = 6000, 8000
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces "Overview"; tagged as
+# custom model development it opens on the runs table (`autoprune ui` tags older ones too).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+ART_TRIALS_TABLE = "trials_table.json"  # log_table: rendered as a table by the artifact view
 
 
 def runs_url(server: str, experiment_id: str) -> str:
@@ -160,6 +176,7 @@ class Tracker:
         self.experiment = experiment
         self.experiment_id: str | None = None
         self._children: dict[str, dict[int, str]] = {}  # parent id -> {trial number: run id}
+        self._dense: dict[str, dict[str, float]] = {}  # parent id -> dense_* metrics
         if not create:
             if exp is not None and exp.lifecycle_stage == "active":
                 self.experiment_id = exp.experiment_id
@@ -167,7 +184,8 @@ class Tracker:
         if exp is None:
             location = Path(root).expanduser().resolve().as_uri() if root is not None else None
             try:
-                self.experiment_id = self.client.create_experiment(experiment, location)
+                self.experiment_id = self.client.create_experiment(
+                    experiment, location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:  # created meanwhile by another driver
                 exp = self.client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -177,6 +195,9 @@ class Tracker:
             self.experiment_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                               EXPERIMENT_KIND)
         if sqlite_wal and (db := store.sqlite_file(tracking_uri)) is not None:
             _use_wal(db)
 
@@ -228,7 +249,16 @@ class Tracker:
         plain = json.loads(json.dumps(dict(config), default=str))  # YAML-safe copy
         self.client.log_text(rid, yaml.safe_dump(plain, sort_keys=False), ART_CONFIG)
         self._children[rid] = {}
+        self._dense[rid] = {m.key: m.value for m in metrics}
         return rid
+
+    def _dense_of(self, parent_id: str) -> dict[str, float]:
+        """The parent's dense_* metrics (read once: a resumed search did not log them here)."""
+        if parent_id not in self._dense:
+            got = self.client.get_run(parent_id).data.metrics
+            self._dense[parent_id] = {k: v for k, v in got.items()
+                                      if k.startswith(DENSE_PREFIX)}
+        return self._dense[parent_id]
 
     def _child_map(self, parent_id: str) -> dict[int, str]:
         """Trial number -> child run id, read once per parent (resume safety)."""
@@ -248,7 +278,7 @@ class Tracker:
         tags = {TAG_PARENT: parent_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: str(trial_number),
                 TAG_METHOD: method, TAG_STUDY: self.study}
         run = self.client.create_run(self._exp(), start_time=_now_ms(), tags=tags,
-                                     run_name=f"trial-{trial_number:04d}-{method}")
+                                     run_name=run_name(trial_number, method))
         rid = run.info.run_id
         children[trial_number] = rid
         flat = {_key(k): _param_str(v) for k, v in {"method": method, **flatten(params)}.items()}
@@ -283,7 +313,7 @@ class Tracker:
         curves = self._curves(history, ts)
         if existing is None:
             run = self.client.create_run(self._exp(), start_time=ts, tags=tags,
-                                         run_name=f"trial-{trial_number:04d}-{method}")
+                                         run_name=run_name(trial_number, method, metrics))
             rid = run.info.run_id
             children[trial_number] = rid
             new_params = {k: _param_str(v) for k, v in all_params.items()}
@@ -302,8 +332,13 @@ class Tracker:
             run_tags = tags
             if not error and TAG_ERROR in old.tags:  # an earlier failed attempt now succeeded
                 self.client.delete_tag(rid, TAG_ERROR)
-            self.client.update_run(rid, status="RUNNING")
-        final = [Metric(_key(k), x, ts, 0) for k, v in metrics.items()
+            self.client.update_run(rid, status="RUNNING",
+                                   name=run_name(trial_number, method, metrics))
+        dense = self._dense_of(parent_id)
+        short = short_metrics(metrics, dense.get(DENSE_PREFIX + VAL_ACC),
+                              dense.get(DENSE_PREFIX + TEST_ACC))
+        per_layer = {f"sparsity/{k}": v for k, v in (layer_sparsity or {}).items()}
+        final = [Metric(_key(k), x, ts, 0) for k, v in {**metrics, **short, **per_layer}.items()
                  if (x := _number(v)) is not None]
         self._log(rid, final + curves, [Param(k, v) for k, v in new_params.items()],
                   [RunTag(k, v) for k, v in run_tags.items()])
@@ -377,5 +412,13 @@ class Tracker:
         self.client.log_text(parent_id, csv_text(all_rows, (*columns, "pareto")), ART_TRIALS_CSV)
         self.client.log_figure(parent_id, pareto_figure(points, front_pts, budget_limits, dense),
                                ART_PLOT)
+        with warnings.catch_warnings():  # pandas 3 deprecation inside mlflow's log_table
+            warnings.simplefilter("ignore")
+            self.client.log_table(parent_id, front_table(points, on_front, _number(
+                dense.get(VAL_ACC))), ART_TRIALS_TABLE)
+        ts = _now_ms()
+        self._log(parent_id, [Metric(FRONT_CURVE, v, ts, step) for step, v in
+                              front_curve(front_pts)])
+        self.client.update_run(parent_id, name=search_name(self.study, budget_limits, front_pts))
         self.client.set_terminated(parent_id, status=status, end_time=_now_ms())
         return {"front": front_pts, HYPERVOLUME: hv}

@@ -58,3 +58,72 @@ def test_bad_study_file_is_one_line_error(tmp_path, capsys):
     bad.write_text("model: lenet5\ndataset: mnist\nfoo: 1\n")
     rc = main(["prune", "--method", "magnitude", "--study", str(bad), "--out", str(tmp_path)])
     assert rc == 2 and "unknown key(s) foo" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version():
+    import autoprune
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"autoprune {autoprune.__version__}"
+
+
+def test_quiet_hides_progress_and_keeps_the_result(tmp_path, capsys, pretrained):
+    """-q: no progress lines on stderr, the result on stdout; without it the progress shows."""
+    import torch
+
+    ckpt = tmp_path / "dense.pt"
+    torch.save(pretrained, ckpt)
+    argv = ["prune", "--method", "magnitude", "--set", "gradual=false", "--set", "epochs=0",
+            "--finetune", "epochs=0", "--out", str(tmp_path), "--dense-checkpoint", str(ckpt)]
+    assert main(["-q", *argv]) == 0
+    got = capsys.readouterr()
+    assert got.err == "" and "test accuracy" in got.out
+    assert main(argv) == 0
+    assert "dense baseline: val" in capsys.readouterr().err
+    # after the command too, and -v counts
+    assert build_parser().parse_args([*argv, "--quiet"]).quiet is True
+    assert build_parser().parse_args(["-v", *argv]).verbose == 1
+    assert build_parser().parse_args(argv).quiet is False
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, recording what is written."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.buf = io.StringIO()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        return self.buf.write(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(tty, monkeypatch, capsys):
+    import logging
+
+    from autoprune.cli import progress_log
+
+    term = _Terminal()
+    if tty:
+        monkeypatch.setattr(sys, "stderr", term)
+    info = progress_log(False)
+    info("training the dense baseline of digits-lenet (3 epochs)")
+    for e in (1, 2, 3):
+        info(f"  dense epoch {e}: loss 0.5000 val 0.9{e}00")
+    info("something else")
+    info("[1/4 done, 1 running, 0 failed] trial 0 finished; best in budget: -")
+    logging.getLogger("autoprune").setLevel(logging.WARNING)
+    out = term.buf.getvalue() if tty else capsys.readouterr().err
+    if tty:  # tqdm's bar: counts and a bar, the epoch lines themselves not printed
+        assert "dense digits-lenet" in out and "3/3" in out and "1/4" in out
+        assert "dense epoch 2:" not in out and "something else" in out
+    else:  # the lines as they are
+        assert "  dense epoch 2: loss 0.5000 val 0.9200" in out.splitlines()
+        assert "[1/4 done" in out and "|" not in out

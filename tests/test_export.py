@@ -259,6 +259,14 @@ def test_model_card(structured_export, structured):
     assert card["dense"]["flops"] == 9216 + 73728 + 8192 + 640
     assert card["dense"]["params"] == sum(p.numel() for p in structured[0].parameters())
     assert card["pruned"]["test_accuracy"] == structured[1]["test_accuracy"]
+    # re-measured from the exported file: the recorded accuracies, val and test
+    assert card["exported"]["test_accuracy"] == structured[1]["test_accuracy"]
+    assert card["exported"]["val_accuracy"] == structured[1]["val_accuracy"]
+    assert set(card["fractions"]) == {"flops", "sparse_flops", "params", "weights"}
+    assert card["fractions"]["flops"] < 1 and card["fractions"]["weights"] < 1
+    md = (to / "model_card.md").read_text()
+    assert "manual-filters" in md and "| test |" in md and "conv1" in md
+    assert f"{structured[1]['test_accuracy']:.4f}" in md
     lat = card["latency_cpu"]
     assert lat["threads"] == 2
     assert all(lat[k] > 0 for k in ("dense_batch1_ms", "dense_batch32_ms",
@@ -336,7 +344,8 @@ def test_export_best_registers_the_most_accurate_point(out, wb, unstructured, se
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", search["uri"])
     local = download_artifacts(artifact_uri=f"models:/{STUDY}@best",
                                dst_path=str(tmp_path / "dl"))
-    assert sorted(p.name for p in Path(local).iterdir()) == sorted([CARD, CHECKPOINT, ONNX])
+    assert sorted(p.name for p in Path(local).iterdir()) == sorted(
+        [CARD, CHECKPOINT, ONNX, "model_card.md"])
     loaded = load_exported(local)
     assert evaluate(loaded, wb.data.test_x, wb.data.test_y) == unstructured[1]["test_accuracy"]
 

@@ -39,22 +39,34 @@ def _quiet_libraries() -> None:
         pass
 
 
-class _Stderr(logging.Handler):
-    """Progress lines to whatever `sys.stderr` is now (tests swap it), message only."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
+# -q / -v of this invocation: -1 quiet (warnings and errors only), 0 progress, 1 debug.
+_verbosity = 0
 
 
 def progress_log(quiet: bool) -> Callable[[str], None]:
     """Show the one logger of autoprune ("autoprune", INFO: progress lines) on stderr, unless
-    `quiet` (--json: only the result is printed); returns its `info`."""
+    `quiet` (--json: only the result is printed) or -q; -v adds debug lines. Returns `info`."""
+    from .progress import ProgressHandler
+
     logger = logging.getLogger("autoprune")
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        logger.addHandler(_Stderr())
+    if not any(isinstance(h, ProgressHandler) for h in logger.handlers):
+        logger.addHandler(ProgressHandler())
         logger.propagate = False
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet or _verbosity < 0:
+        logger.setLevel(logging.WARNING)
+    else:
+        logger.setLevel(logging.DEBUG if _verbosity > 0 else logging.INFO)
     return logger.info
+
+
+def _verbosity_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """-q/-v before or after the command (`autoprune -q search` or `autoprune search -q`);
+    on the sub-commands they default to SUPPRESS, so they never undo the top-level ones."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on "
+                   "stderr (no progress)", **({"default": False} if top else default))
+    p.add_argument("-v", "--verbose", action="count", help="more detail on stderr (debug "
+                   "lines, the libraries' info messages)", **({"default": 0} if top else default))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -174,10 +186,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="autoprune",
         description="AutoML search over neural-network pruning methods, per-layer sparsity and "
                     "hyperparameters (Ray Tune + Optuna), tracked in MLflow.")
+    parser.add_argument("--version", action="version", version=f"autoprune {__version__}")
+    _verbosity_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("studies", help="list the built-in studies")
@@ -211,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     search_cli.add_commands(sub, _common)
     export_cli.add_command(sub)
+    for p in sub.choices.values():
+        _verbosity_options(p, top=False)
     for p in (parser, *sub.choices.values()):
         _one_line_errors(p)
     return parser
@@ -218,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    global _verbosity
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    _verbosity = -1 if args.quiet else min(int(args.verbose or 0), 1)
+    if _verbosity <= 0:
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -18,8 +18,9 @@ def add_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        "checkpoint, ONNX, model card, MLflow registry (models:/STUDY@best)")
     p.add_argument("--out", default="autoprune-runs", help="output folder of the search "
                    "(default: %(default)s)")
-    p.add_argument("--study", default="digits-lenet", help="study name or YAML path "
-                   "(default: %(default)s)")
+    p.add_argument("--study", default="digits-lenet", help="study name or YAML path, or "
+                   "SCRIPT.py:NAME for a Study.custom made in Python (NAME: a Study, or a "
+                   "function returning one) (default: %(default)s)")
     p.add_argument("--budget", default=None, help="only points within this budget, "
                    "e.g. flops=0.3")
     p.add_argument("--pick", choices=PICKS, default="max-accuracy",
@@ -35,10 +36,40 @@ def add_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def study_from_script(text: str):
+    """`SCRIPT.py:NAME` -> the `Study` that NAME is (or returns when called); else `text`.
+
+    A search over `Study.custom` names a model only Python code can build: the user's own
+    script, which is run here as they would run it.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    from ..study import Study
+
+    path, sep, name = text.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return text
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--study {text}: no such script {file}")
+    spec = importlib.util.spec_from_file_location(f"_autoprune_study_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # classes defined there must be findable by name
+    spec.loader.exec_module(module)
+    obj = getattr(module, name, None)
+    if obj is not None and not isinstance(obj, Study) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Study):
+        raise UserError(f"--study {text}: {name} in {file} is not a Study (make one with "
+                        f"autoprune.Study.custom)")
+    return obj
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     progress_log(args.json)
-    card = export_best(args.out, args.study, args.to, budget=args.budget, pick=args.pick,
-                       tracking_uri=args.tracking_uri, data_root=args.data_root,
+    card = export_best(args.out, study_from_script(args.study), args.to, budget=args.budget,
+                       pick=args.pick, tracking_uri=args.tracking_uri, data_root=args.data_root,
                        seed=args.seed)
     if args.json:
         print(json.dumps(card, indent=2, default=float))

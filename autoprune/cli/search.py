@@ -52,6 +52,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"autoprune: search interrupted; the finished trials are kept. Resume with:\n"
               f"  {resume_hint(opts)}", file=sys.stderr)
         return 130
+    best = summary.get("best")
+    if best and best.get("checkpoint"):
+        from ..reporting import measure_speedup
+
+        best["cpu_speedup"] = measure_speedup(args.study, args.out, best["checkpoint"],
+                                              data_root=args.data_root, seed=args.seed)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -78,18 +84,25 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..reporting import report
+    from ..reporting import report, trials_frame
 
+    if args.csv:  # every trial, one row each (method, hyperparameters, sparsities, metrics)
+        trials_frame(args.out, args.study, args.tracking_uri).to_csv(sys.stdout, index=False)
+        return 0
     rows = report(args.out, args.study, tracking_uri=args.tracking_uri)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}  run")
+    dense_val = rows["metrics"].get("dense_val_accuracy")
+    print(f"{'trial':>5} {'method':<12} {'val':>7} {'drop':>7} {'test':>7} {'flops':>7} "
+          f"{'sparse':>7} {'params':>7} {'weights':>7}  run")
     for r in rows["pareto"]:
-        print(f"{r.get('trial', '-')!s:>5} {r.get('method', '-'):<12} "
-              f"{r.get('val_accuracy', float('nan')):>7.4f} "
-              f"{r.get('test_accuracy', float('nan')):>7.4f} {r.get('flops_frac'):>7.4f} "
-              f"{r.get('params_frac'):>7.4f}  {r.get('run_id', '')}")
+        val = r.get("val_accuracy")
+        drop = dense_val - val if dense_val is not None and val is not None else None
+        print(f"{r.get('trial', '-')!s:>5} {r.get('method') or '-':<12} {_f(val)} "
+              f"{_f(drop, signed=True)} {_f(r.get('test_accuracy'))} {_f(r.get('flops_frac'))} "
+              f"{_f(r.get('sparse_flops_frac'))} {_f(r.get('params_frac'))} "
+              f"{_f(r.get('weights_frac'))}  {r.get('run_id', '')}")
     return 0
 
 
@@ -97,7 +110,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from ..reporting import serve_ui
 
     return serve_ui(args.out, host=args.host, port=args.port, tracking_uri=args.tracking_uri,
-                    study=args.study)
+                    study=args.study, open_in_browser=args.open)
 
 
 def add_commands(sub, common) -> None:
@@ -142,6 +155,9 @@ def add_commands(sub, common) -> None:
     p.add_argument("--study", default="digits-lenet")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--csv", action="store_true",
+                   help="print every trial as CSV (method, hyperparameters, per-layer "
+                        "sparsities, all metrics; `pareto` marks the front)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store")
@@ -152,32 +168,58 @@ def add_commands(sub, common) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the store to "
                         "everyone who can reach this machine)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--open", action="store_true",
+                   help="open the printed URL in a browser (where this machine has one)")
     p.set_defaults(func=cmd_ui)
 
 
+def _f(x, signed: bool = False, width: int = 7) -> str:
+    """A number for the table, or '-' for a value the record does not have."""
+    if not isinstance(x, (int, float)):
+        return f"{'-':>{width}}"
+    return format(x, f">{'+' if signed else ''}{width}.4f")
+
+
 def print_front(summary: dict, stream=None) -> None:
-    """The front as a table (stdout unless `stream`; looked up per call, tests swap it)."""
+    """The front as a table (stdout unless `stream`; looked up per call, tests swap it).
+
+    The front is exact (every non-dominated feasible point, however inaccurate); the columns
+    that make it readable: accuracy drop vs dense, FLOPs of the compacted model (what runs on
+    dense hardware) and of the nonzero weights, params, weights, and whether it meets the budget.
+    """
     stream = stream or sys.stdout
     d = summary["dense"]
     print(f"\nPareto front of {summary['study']} (budget {summary['budget']}; "
           f"{summary['trials_completed']} completed, {summary['trials_failed']} failed, "
           f"{summary['trials_pruned']} stopped early, {summary.get('trials_killed', 0)} "
           f"interrupted)", file=stream)
+    dense_val = d.get("val_accuracy")
     print(f"dense: val {d['val_accuracy']:.4f} test {d['test_accuracy']:.4f}", file=stream)
-    header = (f"{'trial':>5} {'method':<12} {'val':>7} {'test':>7} {'flops':>7} {'params':>7}"
-              "  hyperparameters")
-    print(header, file=stream)
+    print(f"{'trial':>5} {'method':<12} {'val':>7} {'drop':>7} {'test':>7} {'flops':>7} "
+          f"{'sparse':>7} {'params':>7} {'weights':>7} budget  hyperparameters", file=stream)
     for p in summary["pareto"]:
         hp = json.loads(p["hparams"]) if p.get("hparams") else {}
         hps = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in hp.items())
-        test = f"{p['test_accuracy']:.4f}" if p.get("test_accuracy") is not None else "-"
-        print(f"{p['trial']:>5} {p['method'] or '-':<12} {p['val_accuracy']:>7.4f} {test:>7} "
-              f"{p['flops_frac']:>7.4f} {p['params_frac']:>7.4f}  {hps}", file=stream)
+        val = p.get("val_accuracy")
+        drop = dense_val - val if isinstance(val, (int, float)) and dense_val is not None \
+            else None
+        print(f"{p['trial']:>5} {p.get('method') or '-':<12} {_f(val)} {_f(drop, signed=True)} "
+              f"{_f(p.get('test_accuracy'))} {_f(p.get('flops_frac'))} "
+              f"{_f(p.get('sparse_flops_frac'))} {_f(p.get('params_frac'))} "
+              f"{_f(p.get('weights_frac'))} {'met' if p.get('feasible', True) else 'over':>6}  "
+              f"{hps}", file=stream)
+    print("flops: MACs of the compacted model (dense hardware); sparse: MACs of the nonzero "
+          "weights; drop: dense val - val", file=stream)
     if summary.get("best"):
         b = summary["best"]
         print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",
               file=stream)
+        if sp := b.get("cpu_speedup"):
+            print(f"measured CPU speed-up of its compacted model: {sp['speedup']:.2f}x "
+                  f"(batch {sp['batch']}, {sp['threads']} threads, median: dense "
+                  f"{sp['dense_ms']:.3f} ms, compacted {sp['compacted_ms']:.3f} ms)",
+                  file=stream)
         if b.get("rerun"):
             print(f"rerun it alone (e.g. with a longer fine-tune): {b['rerun']}", file=stream)
     else:

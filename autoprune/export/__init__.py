@@ -19,6 +19,9 @@ shipped file does not reproduce is refused (`UserError`), so a card can be trust
 exports it and registers it in the MLflow Model Registry under the study's name, alias `best`.
 """
 
+import sys
+import types
+
 from .card import export_model, measure_latency
 from .checkpoint import (
     CARD,
@@ -39,3 +42,17 @@ __all__ = ["CARD", "CHECKPOINT", "FORMAT", "FORMAT_VERSION", "ONNX", "PICKS", "e
            "export_model", "export_onnx", "load_exported", "measure_latency",
            "onnx_max_abs_diff", "pack_state", "register_export", "removed_channels",
            "save_checkpoint", "select_point", "unpack_state"]
+
+
+class _CallableModule(types.ModuleType):
+    """`autoprune.export(out, study, to, ...)` calls `autoprune.api.export`, while
+    `from autoprune.export import load_exported` keeps working: the function and the subpackage
+    share one name, and importing a submodule would otherwise replace the function."""
+
+    def __call__(self, *args, **kwargs):
+        from ..api import export
+
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

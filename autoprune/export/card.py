@@ -22,13 +22,14 @@ from ..data import TensorData, load_dataset
 from ..engine import evaluate_split
 from ..errors import UserError
 from ..flops import Accountant, count_dense
-from ..models import build_model
 from ..study import Study
+from .card_md import CARD_MD, markdown
 from .checkpoint import (
     CARD,
     CHECKPOINT,
     ONNX,
     _architecture,
+    dense_reference,
     load_exported,
     removed_channels,
     save_checkpoint,
@@ -93,7 +94,8 @@ def _checkpoint_bytes(state: dict[str, torch.Tensor]) -> int:
 def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str | os.PathLike, *,
                  metrics: dict[str, Any], dense: dict[str, Any], source: dict[str, Any],
                  data: TensorData | None = None, data_root: str | None = None,
-                 latency: bool = True) -> dict[str, Any]:
+                 latency: bool = True,
+                 reproduce: dict[str, str] | None = None) -> dict[str, Any]:
     """Export a pruned (masked) `model` of `study` into folder `to`; return the model card.
 
     `metrics`: the pruned model's record (val_accuracy, test_accuracy, method, hparams or
@@ -114,8 +116,7 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
     arch = _architecture(study, example)
 
     # Counts: mask-aware against the dense architecture, and of the compacted model as it is.
-    reference = build_model(study.model, arch["num_classes"], arch["in_channels"],
-                            arch["image_size"]).to(device)
+    reference = dense_reference(study, arch).to(device)
     accountant = Accountant(reference, example)
     counts = accountant.count(model)
     compacted = compact(model, example, accountant.graph)
@@ -125,7 +126,8 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
     ckpt_path = to / CHECKPOINT
     save_checkpoint(compacted, arch, removed, ckpt_path,
                     extra={"study": study.name, "method": str(metrics.get("method", ""))})
-    exported = load_exported(ckpt_path)
+    exported = load_exported(ckpt_path, model=dense_reference(study, arch)
+                             if study.objects is not None else None)
 
     onnx_path = to / ONNX
     exporter = export_onnx(exported, example, onnx_path)
@@ -137,6 +139,7 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
                             device=device, options=study.data_options)
     exported = exported.to(data.device)
     test_acc = evaluate_split(exported, data, "test")
+    val_acc = evaluate_split(exported, data, "val")  # shown beside the recorded one
     recorded = metrics.get("test_accuracy")
     tolerance = ACCURACY_TOLERANCE if data.device.type == "cpu" else max(
         BF16_TOLERANCE, 1.0 / max(data.split_size("test"), 1))
@@ -162,7 +165,9 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
         except json.JSONDecodeError:
             pass
     files = {f.name: f.stat().st_size for f in sorted(to.iterdir())
-             if f.is_file() and f.name != CARD}
+             if f.is_file() and f.name not in (CARD, CARD_MD)}
+    load = ("from autoprune.export import load_exported; model = load_exported(DIR" +
+            (f", model={study.model}(...))" if study.objects is not None else ")"))
     card = {
         "study": study.name, "model": study.model, "dataset": study.dataset,
         "input_shape": arch["input_shape"], "num_classes": arch["num_classes"],
@@ -177,7 +182,11 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
                    "flops_frac": counts.flops_frac, "params_frac": counts.params_frac,
                    "weight_compression": counts.weight_compression,
                    "layer_sparsity": counts.layer_sparsity()},
-        "exported": {"test_accuracy": test_acc, "flops": c_macs, "params": c_params,
+        # the four budget kinds: compacted MACs, MACs of nonzero weights, nonzero params,
+        # nonzero conv/linear weights (fractions of the dense model's)
+        "fractions": counts.fractions(),
+        "exported": {"test_accuracy": test_acc, "val_accuracy": val_acc, "flops": c_macs,
+                     "params": c_params,
                      "flops_frac": c_macs / accountant.dense_macs,
                      "params_frac": c_params / accountant.dense_params,
                      "nonzero_params": int(sum(int((p != 0).sum())
@@ -191,9 +200,16 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
         "source": source,
         "files": files,  # bytes
         "dense_checkpoint_bytes": _checkpoint_bytes(model.state_dict()),
-        "load": "from autoprune.export import load_exported; model = load_exported(DIR)",
+        "load": load,
+        "reproduce": dict(reproduce or {}),
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (to / CARD).write_text(json.dumps(card, indent=2, default=float) + "\n")
+    write_card(card, to)
     return card
+
+
+def write_card(card: dict[str, Any], to: Path) -> None:
+    """model_card.json and model_card.md."""
+    (to / CARD).write_text(json.dumps(card, indent=2, default=float) + "\n")
+    (to / CARD_MD).write_text(markdown(json.loads(json.dumps(card, default=float))))

@@ -82,10 +82,27 @@ def removed_channels(model: nn.Module, example: torch.Tensor, graph=None) -> dic
 
 
 def _architecture(study: Study, example: torch.Tensor) -> dict[str, Any]:
+    """How `load_exported` rebuilds the dense model: a zoo name and the data's sizes, or for a
+    `Study.custom` the user's class (its code is theirs: they pass an instance when loading)."""
+    shape = [int(s) for s in example.shape[1:]]
+    if study.objects is not None:
+        info = study.objects.data.info
+        return {"model": study.model, "dataset": study.dataset, "num_classes": info.num_classes,
+                "in_channels": shape[0] if shape else 0, "image_size": shape[-1] if shape else 0,
+                "input_shape": shape, "custom_model_class": study.objects.model_class,
+                "custom_architecture": study.objects.architecture}
     info = dataset_info(study.dataset)
     return {"model": study.model, "dataset": study.dataset, "num_classes": info.num_classes,
             "in_channels": info.in_channels, "image_size": info.image_size,
-            "input_shape": [int(s) for s in example.shape[1:]]}
+            "input_shape": shape}
+
+
+def dense_reference(study: Study, arch: dict[str, Any]) -> nn.Module:
+    """A dense model of the study's architecture (weights do not matter: shapes only)."""
+    if study.objects is not None:
+        return study.objects.build()
+    return build_model(study.model, arch["num_classes"], arch["in_channels"],
+                       arch["image_size"])
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -123,8 +140,12 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu",
+                  model: nn.Module | None = None) -> nn.Module:
     """Rebuild an exported model (a folder holding model.pt, or the file) in eval mode.
+
+    An export of a `Study.custom` model needs `model`: an instance of the user's dense class
+    (any weights; it is not modified), since the file holds no code.
 
     The dense architecture is built from the model zoo by name, its parameters set to ones, the
     removed channels zeroed across their whole group (every producer slot, as graph.py defines a
@@ -136,9 +157,19 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
     p = Path(path).expanduser()
     file = p / CHECKPOINT if p.is_dir() else p
     ckpt = _read_checkpoint(file)
+    custom = ckpt.get("custom_model_class")
+    if custom and model is None:
+        raise UserError(f"{file} is an export of your own model {custom}: load it with "
+                        f"load_exported(path, model={ckpt.get('model')}(...)), an instance of "
+                        f"that class")
     try:
-        model = build_model(ckpt["model"], int(ckpt["num_classes"]), int(ckpt["in_channels"]),
-                            int(ckpt["image_size"]))
+        if model is not None:
+            import copy
+
+            model = copy.deepcopy(model).cpu()
+        else:
+            model = build_model(ckpt["model"], int(ckpt["num_classes"]),
+                                int(ckpt["in_channels"]), int(ckpt["image_size"]))
         example = torch.zeros(1, *[int(s) for s in ckpt["input_shape"]])
         removed = {str(k): [int(i) for i in v] for k, v in ckpt["removed_channels"].items()}
         dense, sparse = ckpt["state"], ckpt["sparse"]

@@ -3,7 +3,6 @@ in the MLflow Model Registry as `<study>@best`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,8 +10,8 @@ from typing import Any
 
 from .. import store
 from ..errors import UserError
-from ..study import load_study
-from .card import CARD, export_model
+from ..study import Study, load_study
+from .card import export_model, write_card
 
 PICKS = ("max-accuracy", "min-flops")
 REGISTRY_ALIAS = "best"
@@ -85,18 +84,21 @@ def register_export(tracking_uri: str, study: str, export_dir: Path, point: dict
             "artifact_uri": source, "tracking_uri": tracking_uri}
 
 
-def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
+def export_best(out: str | os.PathLike, study: str | Study, to: str | os.PathLike,
                 budget: str | None = None, pick: str = "max-accuracy",
                 tracking_uri: str | None = None, data_root: str | None = None, seed: int = 0,
                 *, optuna_storage: str | None = None) -> dict[str, Any]:
     """Export the best recorded trial of the search in `<out>/<study>` and register it.
 
+    `study` is a name, a YAML path or a `Study`: a `Study.custom` search is exported from its
+    trial checkpoint and the study's own model object (load it back with
+    `load_exported(to, model=<an instance of the class>)`).
     Returns the model card plus `registered_model`, `version`, `model_uri`, `run_id`.
     """
     from ..dense import load_state
     from ..pipeline import Workbench
 
-    st = load_study(study)
+    st = study if isinstance(study, Study) else load_study(study)
     out_dir = Path(out).expanduser().resolve()
     study_dir = out_dir / st.name
     ot_study = store.open_search(study_dir, st.name, optuna_storage)
@@ -120,9 +122,29 @@ def export_best(out: str | os.PathLike, study: str, to: str | os.PathLike,
               "checkpoint": str(ckpt), "mlflow_parent_run_id": parent_id, "pick": pick,
               "budget": budget}
     card = export_model(model, st, wb.data.example(), to, metrics=metrics, dense=wb.dense,
-                        source=source, data=wb.data)
+                        source=source, data=wb.data,
+                        reproduce=_reproduce(point, st, study, out_dir, to, budget, pick))
     reg = register_export(tracking_uri or store.default_tracking_uri(out_dir), st.name,
                           Path(to).expanduser(), point, parent_id)
     card["source"]["mlflow_run_id"] = reg["run_id"]
-    Path(to, CARD).write_text(json.dumps(card, indent=2, default=float) + "\n")
+    write_card(card, Path(to).expanduser())
     return {**card, **reg}
+
+
+def _reproduce(point: dict, st: Study, given: str | Study, out: Path, to: str | os.PathLike,
+               budget: str | None, pick: str) -> dict[str, str]:
+    """The commands that make this export again, and that rerun its trial alone."""
+    import shlex
+
+    from ..orchestration.summary import rerun_command
+
+    if isinstance(given, Study):  # made in Python: the call, not a command line, names it
+        return {"export": f"autoprune.export({str(out)!r}, study, {str(to)!r}, "
+                          f"budget={budget!r}, pick={pick!r})"}
+    parts = ["autoprune", "export", "--out", str(out), "--study", given, "--to", str(to),
+             "--pick", pick] + (["--budget", budget] if budget else [])
+    out_cmds = {"export": " ".join(shlex.quote(x) for x in parts)}
+    rerun = rerun_command(point, given, budget or st.budget)
+    if rerun:
+        out_cmds["trial"] = rerun
+    return out_cmds

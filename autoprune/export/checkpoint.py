@@ -81,10 +81,18 @@ def removed_channels(model: nn.Module, example: torch.Tensor, graph=None) -> dic
     return {root: d.nonzero().flatten().tolist() for root, d in dead.items() if bool(d.any())}
 
 
-def _architecture(study: Study, example: torch.Tensor) -> dict[str, Any]:
+def _architecture(study: Study, example: torch.Tensor,
+                  model: nn.Module | None = None) -> dict[str, Any]:
     info = dataset_info(study.dataset)
-    return {"model": study.model, "dataset": study.dataset, "num_classes": info.num_classes,
-            "in_channels": info.in_channels, "image_size": info.image_size,
+    classes = info.num_classes
+    if model is not None:  # a folder's classes (or an ImageNet stand-in's) are the model's
+        was_training = model.training
+        with torch.no_grad():
+            classes = int(model.eval()(example).shape[-1])
+        model.train(was_training)
+    size = int((study.data_options or {}).get("image_size", info.image_size))
+    return {"model": study.model, "dataset": study.dataset, "num_classes": classes,
+            "in_channels": info.in_channels, "image_size": size,
             "input_shape": [int(s) for s in example.shape[1:]]}
 
 

@@ -31,6 +31,7 @@ from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
 from .cluster import host_port, init_ray, tune_storage
+from .distributed import share_data
 from .faults import Faults
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
@@ -175,7 +176,7 @@ def search(opts: SearchOptions) -> dict:
                                data_root=str(data_root(opts.data_root)), seed=opts.seed,
                                cpus=opts.cpus_per_trial, checkpoint=absolute(
                                    opts.dense_checkpoint),
-                               faults=Faults.from_env())
+                               faults=Faults.from_env(), shared_data=share_data(wb.data))
             layers = wb.layers
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=[k for k, _ in OBJECTIVES],

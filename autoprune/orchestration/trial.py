@@ -70,6 +70,7 @@ class TrialContext:
     cpus: float
     checkpoint: str | None = None
     faults: Faults = field(default_factory=Faults)  # the test hook (faults.py); inert
+    shared_data: Any = None  # distributed.SharedData: in-memory data from the object store
 
 
 _BENCHES: dict[tuple, Workbench] = {}
@@ -86,8 +87,13 @@ def workbench(ctx: TrialContext) -> Workbench:
            ctx.seed, ctx.checkpoint)
     if key not in _BENCHES:
         _BENCHES.clear()  # one study per process at a time
+        data = None
+        if ctx.shared_data is not None:
+            from .distributed import fetch_data
+
+            data = fetch_data(ctx.shared_data)
         _BENCHES[key] = Workbench.open(ctx.study, ctx.out, data_root=ctx.data_root,
-                                       seed=ctx.seed, checkpoint=ctx.checkpoint)
+                                       seed=ctx.seed, checkpoint=ctx.checkpoint, data=data)
     return _BENCHES[key]
 
 

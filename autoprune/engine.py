@@ -201,6 +201,7 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
     gradients are averaged before the hooks see them: the same steps as one worker, spread.
     """
     rank, world = _data_parallel()
+    presliced = getattr(data, "shards_batches", False)  # streamed data slices its own batches
     device = data.device
     model = prepare(model, device)
     gen = seed_everything(seed)
@@ -223,7 +224,7 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
         for x, y in data.batches(recipe.batch_size, gen):
             if step >= n_steps:
                 break
-            if world > 1 and x.shape[0] >= world:  # this rank's slice of the global batch
+            if world > 1 and not presliced and x.shape[0] >= world:  # this rank's slice
                 x, y = x[rank::world], y[rank::world]
             lr = lr_at(recipe, cycle_progress(step, n_steps, restarts))
             for group in optimizer.param_groups:

@@ -98,10 +98,33 @@ def run_data_parallel(config: dict, ctx: Any, number: int) -> dict:
                              storage_path=str(result_file.parent / "ray-train"),
                              callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=0)))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - sorted below: the trial's own error, or a lost rank
+        raise _cause(exc) from None
     if not result_file.exists():
         raise RuntimeError(f"data-parallel trial {number} ended without a result")
     return json.loads(result_file.read_text())
+
+
+class RanksLost(RuntimeError):
+    """A rank of a data-parallel trial died (node lost, killed): Tune retries the trial."""
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error a rank's own code raised (recorded as the trial's failure, as for one worker),
+    else `RanksLost` (a worker process died: retried from the between-phases checkpoint)."""
+    from ray.exceptions import RayError
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        err = failures[rank]
+        base = getattr(err, "_base_exc", None)  # Ray Train's wrapper of a user exception
+        if base is not None:
+            return base
+        if not isinstance(err, RayError) and isinstance(err, Exception):
+            return err
+    return RanksLost(f"a worker of the data-parallel trial was lost: {str(exc)[:200]}")
 
 
 def _rank_main(loop_config: dict) -> None:
@@ -130,7 +153,7 @@ def _rank_main(loop_config: dict) -> None:
     trial._report, trial._get_checkpoint = report, get_checkpoint  # this worker process only
     # rank 0 writes the trial's checkpoint; the others' copies go to a scratch folder
     run_ctx = ctx if rank == 0 else dataclasses.replace(
-        ctx, study_dir=tempfile.mkdtemp(prefix="autoprune-rank-"))
+        ctx, study_dir=tempfile.mkdtemp(prefix="autoprune-rank-"), faults=type(ctx.faults)())
     final = trial._run(config, run_ctx, number)
     if rank == 0:
         tmp = result_file.with_suffix(".tmp")

@@ -36,6 +36,7 @@ from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
+from .distributed import RanksLost
 from .faults import Faults
 from .projection import (
     CostTable,
@@ -172,6 +173,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             final = run_data_parallel(config, ctx, number)
         else:
             final = _run(config, ctx, number)
+    except RanksLost:  # a data-parallel trial's worker died: Tune retries it, as a lost worker
+        raise
     except Exception as exc:  # noqa: BLE001 - every error of a trial is recorded, not raised
         final = _failure(exc)
     final.update(where)

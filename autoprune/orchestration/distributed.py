@@ -114,15 +114,13 @@ class RanksLost(RuntimeError):
 def _cause(exc: BaseException) -> BaseException:
     """The error a rank's own code raised (recorded as the trial's failure, as for one worker),
     else `RanksLost` (a worker process died: retried from the between-phases checkpoint)."""
-    from ray.exceptions import RayError
-
     failures = getattr(exc, "worker_failures", None) or {}
     for rank in sorted(failures):
+        # Ray Train hands back what the trial's code raised, unwrapped; its own errors (a
+        # failed health check, a dead actor) mean that the worker itself is gone
         err = failures[rank]
-        base = getattr(err, "_base_exc", None)  # Ray Train's wrapper of a user exception
-        if base is not None:
-            return base
-        if not isinstance(err, RayError) and isinstance(err, Exception):
+        err = getattr(err, "_base_exc", err)
+        if isinstance(err, Exception) and not type(err).__module__.startswith("ray."):
             return err
     return RanksLost(f"a worker of the data-parallel trial was lost: {str(exc)[:200]}")
 

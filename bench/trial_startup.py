@@ -6,6 +6,11 @@ driver put into Ray's object store.
 Each measurement runs in a fresh Ray worker process (a task with max_calls=1, as a trial on a
 new actor) and times `Workbench.open` (data, dense weights from a checkpoint, the traced graph)
 and, separately, the data step alone. Needs the study's data under $AUTOPRUNE_DATA.
+
+Measured (2 shared CPU cores, lenet5-mnist, 54,000 training images, 3 repeats, medians): the
+data step 2,995 ms from disk vs 0.7 ms from the object store (after one 282 ms `ray.put` on the
+driver); the whole `Workbench.open` 8,521 ms vs 5,556 ms (the rest: building and tracing the
+model, loading the dense weights, evaluating them on validation and test).
 """
 
 from __future__ import annotations

@@ -158,6 +158,36 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def _data_parallel() -> tuple[int, int]:
+    """(rank, world size) of a data-parallel trial (a torch process group), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """All-reduce every gradient (one flat buffer) and divide by `world`.
+
+    Every rank then takes the same optimiser step, so weights (and masks computed from them)
+    stay identical across ranks. A parameter without a gradient this step counts as zero, so
+    every rank reduces the same buffer whatever its branch of the graph did.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
 def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
           hooks: Sequence[TrainHook] = (), seed: int = 0,
           on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
@@ -165,7 +195,13 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
 
     Each record has `epoch`, `loss`, `lr` and `val_accuracy`; `on_epoch` receives it as soon as
     the epoch ends (live curves, Ray reports). Raises `TrainingDiverged` on a NaN/inf loss.
+
+    Inside a data-parallel trial (a torch process group, see orchestration/distributed.py)
+    every rank draws the same global batch from the same seed, trains on its slice of it, and
+    gradients are averaged before the hooks see them: the same steps as one worker, spread.
     """
+    rank, world = _data_parallel()
+    presliced = getattr(data, "shards_batches", False)  # streamed data slices its own batches
     device = data.device
     model = prepare(model, device)
     gen = seed_everything(seed)
@@ -188,6 +224,8 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
         for x, y in data.batches(recipe.batch_size, gen):
             if step >= n_steps:
                 break
+            if world > 1 and not presliced and x.shape[0] >= world:  # this rank's slice
+                x, y = x[rank::world], y[rank::world]
             lr = lr_at(recipe, cycle_progress(step, n_steps, restarts))
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -199,6 +237,8 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
                     loss = loss + p
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _average_gradients(model, world)
             for h in hooks:
                 h.before_step(model)
             optimizer.step()

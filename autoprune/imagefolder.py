@@ -95,6 +95,14 @@ def _image_folder(path: Path):
         raise UserError(f"image folder {path}: {str(exc).splitlines()[0]}") from None
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _carve(n: int, fraction: float, seed: int, parts: int) -> list[torch.Tensor]:
     """Seeded disjoint index sets: `parts` held-out sets of `fraction` each, then the rest."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -105,6 +113,10 @@ def _carve(n: int, fraction: float, seed: int, parts: int) -> list[torch.Tensor]
 
 class FolderData:
     """A dataset streamed from an image folder, split three ways (see the module docstring)."""
+
+    # In a data-parallel trial `batches` yields this rank's slice of each global batch itself,
+    # so that each rank decodes only its images (engine.train slices in-memory batches).
+    shards_batches = True
 
     def __init__(self, spec: FolderSpec, device: torch.device | str = "cpu") -> None:
         from .data import DatasetInfo
@@ -184,7 +196,26 @@ class FolderData:
         """One epoch of shuffled, augmented training batches (order from `generator`)."""
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,),
                                                               generator=generator)))
+        rank, world = _rank_world()
+        if world > 1:
+            return self._moved(self._rank_loader(batch_size, gen, rank, world))
         return self._moved(self._loader(self.train_set, batch_size, gen))
+
+    def _rank_loader(self, batch_size: int, gen: torch.Generator, rank: int,
+                     world: int) -> DataLoader:
+        """This rank's slice of each global batch: the batches one worker's
+        `DataLoader(shuffle=True, generator=gen)` draws (its base seed, then the permutation)."""
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
+        perm = torch.randperm(len(self.train_set), generator=gen).tolist()
+        batches = []
+        for i in range(0, len(perm), batch_size):
+            b = perm[i:i + batch_size]
+            batches.append(b[rank::world] if len(b) >= world else b)  # as engine.train does
+        workers = self.spec.num_workers
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=workers,
+                          generator=gen,  # seeds the workers' augmentation
+                          pin_memory=self._device.type == "cuda",
+                          prefetch_factor=4 if workers else None)
 
     def eval_batches(self, split: str, batch_size: int = 256
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

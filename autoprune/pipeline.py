@@ -41,16 +41,20 @@ class Workbench:
              seed: int = 0, device: torch.device | str | None = None,
              checkpoint: str | None = None, download: bool = False,
              log: Callable[[str], None] = lambda s: None,
-             check_layers: Callable[[list[str]], None] | None = None) -> Workbench:
+             check_layers: Callable[[list[str]], None] | None = None,
+             data: TensorData | None = None) -> Workbench:
         """Load the data and the dense baseline (trained once per configuration, then cached).
 
         `check_layers` sees the prunable layer names before the dense model is trained, so
         input that names layers is refused in seconds, not after the dense training. A custom
         study (`Study.custom`) brings its data along: `data_root` and `download` do not apply,
-        and its validation split was fixed when the data was made.
+        and its validation split was fixed when the data was made. `data`: the study's data
+        already loaded (a search's trials get it from Ray's object store), instead of loading.
         """
         device = torch.device(device) if device else default_device()
-        if study.objects is not None:
+        if data is not None:  # shared by the driver, split with the same seed
+            data = data.to(device)
+        elif study.objects is not None:
             data = study.objects.data.to(device)
         else:
             data = load_dataset(study.dataset, data_root, val_fraction=study.val_fraction,

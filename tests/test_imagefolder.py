@@ -161,3 +161,31 @@ def test_bad_folder_options_are_refused(data, fragment):
     d = {"model": "lenet-digits", "dataset": "imagefolder:/x", "data": data}
     with pytest.raises(UserError, match=fragment):
         study_from_dict(d, "s.yaml")
+
+
+def _rank_labels(rank: int, world: int, root: str, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        data = FolderData(spec(Path(root), val_fraction=0.2))
+        ys = [y for _, y in data.batches(16, torch.Generator().manual_seed(3))]
+        torch.save(ys, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_read_their_slice_of_each_global_batch(tmp_path):
+    """In a data-parallel trial each rank decodes only its half of every batch that one worker
+    would draw with the same seed (the engine slices in-memory batches the same way)."""
+    import torch.multiprocessing as mp
+
+    root = write_digits_folder(tmp_path / "d", 5)
+    full = [y for _, y in FolderData(spec(root, val_fraction=0.2)).batches(
+        16, torch.Generator().manual_seed(3))]
+    mp.spawn(_rank_labels, args=(2, str(root), f"file://{tmp_path}/pg", str(tmp_path)),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(full)
+    for k, y in enumerate(full):
+        assert torch.equal(ranks[0][k], y[0::2]) and torch.equal(ranks[1][k], y[1::2])

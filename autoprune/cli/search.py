@@ -42,7 +42,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         data_root=args.data_root, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
         tune_storage=args.tune_storage, max_failures=args.max_failures, resume=args.resume,
-        dense_checkpoint=args.dense_checkpoint)
+        dense_checkpoint=args.dense_checkpoint, trial_workers=args.trial_workers)
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -127,7 +127,11 @@ def add_commands(sub, common) -> None:
     p.add_argument("--workers", type=_positive_int, default=2, help="concurrent trials")
     p.add_argument("--cpus-per-trial", type=_non_negative_float, default=1.0)
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0,
-                   help="GPUs per trial, fractions allowed (e.g. 0.5)")
+                   help="GPUs per trial, fractions allowed (e.g. 0.5); per trial worker "
+                        "with --trial-workers")
+    p.add_argument("--trial-workers", type=_positive_int, default=1,
+                   help="run each trial data-parallel over N Ray Train workers (DDP), each "
+                        "with --cpus-per-trial CPUs and --gpus-per-trial GPUs (default: 1)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     p.add_argument("--scheduler", choices=["none", "asha"], default="none",
                    help="asha stops weak trials early (told to Optuna as pruned)")

@@ -113,7 +113,7 @@ def export_model(model: nn.Module, study: Study, example: torch.Tensor, to: str 
         raise UserError(f"cannot create export folder {to}: {exc.strerror}") from None
     device = next(model.parameters()).device
     example = example[:1].to(device)
-    arch = _architecture(study, example)
+    arch = _architecture(study, example, model)
 
     # Counts: mask-aware against the dense architecture, and of the compacted model as it is.
     reference = dense_reference(study, arch).to(device)

@@ -81,7 +81,8 @@ def removed_channels(model: nn.Module, example: torch.Tensor, graph=None) -> dic
     return {root: d.nonzero().flatten().tolist() for root, d in dead.items() if bool(d.any())}
 
 
-def _architecture(study: Study, example: torch.Tensor) -> dict[str, Any]:
+def _architecture(study: Study, example: torch.Tensor,
+                  model: nn.Module | None = None) -> dict[str, Any]:
     """How `load_exported` rebuilds the dense model: a zoo name and the data's sizes, or for a
     `Study.custom` the user's class (its code is theirs: they pass an instance when loading)."""
     shape = [int(s) for s in example.shape[1:]]
@@ -92,9 +93,15 @@ def _architecture(study: Study, example: torch.Tensor) -> dict[str, Any]:
                 "input_shape": shape, "custom_model_class": study.objects.model_class,
                 "custom_architecture": study.objects.architecture}
     info = dataset_info(study.dataset)
-    return {"model": study.model, "dataset": study.dataset, "num_classes": info.num_classes,
-            "in_channels": info.in_channels, "image_size": info.image_size,
-            "input_shape": shape}
+    classes = info.num_classes
+    if model is not None:  # a folder's classes (or an ImageNet stand-in's) are the model's
+        was_training = model.training
+        with torch.no_grad():
+            classes = int(model.eval()(example).shape[-1])
+        model.train(was_training)
+    size = int((study.data_options or {}).get("image_size", info.image_size))
+    return {"model": study.model, "dataset": study.dataset, "num_classes": classes,
+            "in_channels": info.in_channels, "image_size": size, "input_shape": shape}
 
 
 def dense_reference(study: Study, arch: dict[str, Any]) -> nn.Module:

@@ -40,6 +40,7 @@ class SearchOptions:
     resume: bool = False
     dense_checkpoint: str | None = None
     max_failures: int = 1
+    trial_workers: int = 1  # > 1: each trial data-parallel over N workers (distributed.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,7 +89,7 @@ def resume_hint(opts: SearchOptions) -> str:
                         ("--trials", opts.trials), ("--ray-address", opts.ray_address),
                         *((f"--{k.replace('_', '-')}", getattr(opts, k))
                           for k in ("workers", "cpus_per_trial", "gpus_per_trial", "sampler",
-                                    "scheduler", "seed", "max_failures")
+                                    "scheduler", "seed", "max_failures", "trial_workers")
                           if getattr(opts, k) != getattr(defaults, k)),
                         ("--tracking-uri", opts.tracking_uri),
                         ("--optuna-storage", opts.optuna_storage and redact(opts.optuna_storage)),

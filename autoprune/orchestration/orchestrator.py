@@ -32,6 +32,7 @@ from ..pipeline import Workbench
 from ..study import Study, load_study
 from .baselines import baseline_params, enqueue_baselines
 from .cluster import host_port, init_ray, tune_storage
+from .distributed import share_data, trial_resources
 from .faults import Faults
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
@@ -100,9 +101,10 @@ def search(opts: SearchOptions) -> dict:
     space_path = _space_path(opts, study)
     space = SearchSpace.load(space_path).for_budget(budget.structured)
     trials = opts.trials or study.trials
-    if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0:
-        raise UserError("--trials and --workers must be >= 1, --cpus-per-trial > 0, "
-                        "--gpus-per-trial >= 0")
+    if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0 \
+            or opts.trial_workers < 1:
+        raise UserError("--trials, --workers and --trial-workers must be >= 1, "
+                        "--cpus-per-trial > 0, --gpus-per-trial >= 0")
     if opts.ray_address:
         host_port(opts.ray_address)
     if opts.scheduler not in ("none", "asha"):
@@ -148,6 +150,7 @@ def search(opts: SearchOptions) -> dict:
                          "space": str(space_path), "budget": str(budget), "trials": trials,
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
+                         "trial_workers": opts.trial_workers,
                          "scheduler": opts.scheduler, "seed": opts.seed,
                          "optuna_storage": store.redact(storage_url), **study.describe()}
         # One parent run per study: reused by --resume, and by a rerun of a search that was
@@ -178,7 +181,8 @@ def search(opts: SearchOptions) -> dict:
                                data_root=str(data_root(opts.data_root)), seed=opts.seed,
                                cpus=opts.cpus_per_trial, checkpoint=absolute(
                                    opts.dense_checkpoint),
-                               faults=Faults.from_env())
+                               faults=Faults.from_env(), shared_data=share_data(wb.data),
+                               trial_workers=opts.trial_workers, gpus=opts.gpus_per_trial)
             layers = wb.layers
             if not done and remaining > 1:  # a new search starts from the hand baselines
                 # (after `reconcile`, which fails trials left waiting by a dead driver)
@@ -196,7 +200,7 @@ def search(opts: SearchOptions) -> dict:
 
                 scheduler = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1,
                                           reduction_factor=2)
-            resources = {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial}
+            resources = trial_resources(opts)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)
             stop = Interrupt()

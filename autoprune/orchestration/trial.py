@@ -36,6 +36,7 @@ from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, budget_fractions, granularity_of, run_pruning
 from ..pruning.runner import PrunedState
 from ..study import Study
+from .distributed import RanksLost
 from .faults import Faults
 from .projection import (
     CostTable,
@@ -70,6 +71,9 @@ class TrialContext:
     cpus: float
     checkpoint: str | None = None
     faults: Faults = field(default_factory=Faults)  # the test hook (faults.py); inert
+    shared_data: Any = None  # distributed.SharedData: in-memory data from the object store
+    trial_workers: int = 1  # > 1: data-parallel over that many Ray Train workers
+    gpus: float = 0.0  # per trial worker
 
 
 _BENCHES: dict[tuple, Workbench] = {}
@@ -86,8 +90,13 @@ def workbench(ctx: TrialContext) -> Workbench:
            ctx.seed, ctx.checkpoint)
     if key not in _BENCHES:
         _BENCHES.clear()  # one study per process at a time
+        data = None
+        if ctx.shared_data is not None:
+            from .distributed import fetch_data
+
+            data = fetch_data(ctx.shared_data)
         _BENCHES[key] = Workbench.open(ctx.study, ctx.out, data_root=ctx.data_root,
-                                       seed=ctx.seed, checkpoint=ctx.checkpoint)
+                                       seed=ctx.seed, checkpoint=ctx.checkpoint, data=data)
     return _BENCHES[key]
 
 
@@ -102,13 +111,23 @@ def node_info() -> dict[str, str]:
         return {}
 
 
+# Where a trial's results and checkpoints go: Tune's session. The ranks of a data-parallel
+# trial (distributed.py) run `_run` in Ray Train workers and swap these two for their own.
+def _report(metrics: dict, checkpoint: tune.Checkpoint | None = None) -> None:
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def _get_checkpoint() -> tune.Checkpoint | None:
+    return tune.get_checkpoint()
+
+
 def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
     """Report the between-phases state as this trial's Tune checkpoint."""
     with tempfile.TemporaryDirectory(prefix="autoprune-ckpt-") as d:
         torch.save({"state": state.state, "masks": state.masks}, Path(d) / CKPT_STATE)
         (Path(d) / CKPT_META).write_text(json.dumps({**fingerprint, "history": state.history}))
         last = state.history[-1] if state.history else {}
-        tune.report({"val_accuracy": float(last.get("val_accuracy", 0.0)),
+        _report({"val_accuracy": float(last.get("val_accuracy", 0.0)),
                      "loss": float(last.get("loss", 0.0)), "phase": "pruned",
                      "is_final": False, "flops_frac": fingerprint["flops_frac"],
                      "params_frac": fingerprint["params_frac"]},
@@ -117,7 +136,7 @@ def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
 
 def _load_pruned(fingerprint: dict) -> PrunedState | None:
     """The checkpoint of an earlier attempt of this trial, if it has one and it matches."""
-    ckpt = tune.get_checkpoint()
+    ckpt = _get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -148,7 +167,14 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     number = int(config.get(TRIAL_NUMBER_KEY, -1))
     where = node_info()
     try:
-        final = _run(config, ctx, number)
+        if ctx.trial_workers > 1:
+            from .distributed import run_data_parallel
+
+            final = run_data_parallel(config, ctx, number)
+        else:
+            final = _run(config, ctx, number)
+    except RanksLost:  # a data-parallel trial's worker died: Tune retries it, as a lost worker
+        raise
     except Exception as exc:  # noqa: BLE001 - every error of a trial is recorded, not raised
         final = _failure(exc)
     final.update(where)
@@ -178,7 +204,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
 
     def progress(rec: dict) -> None:
         # Intermediate reports let ASHA stop weak trials; they are never final results.
-        tune.report({"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
+        _report({"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
                      "flops_frac": planned["flops"], "params_frac": planned["params"],
                      "phase": rec["phase"], "is_final": False})
         ctx.faults.on_epoch(number, rec.get("phase"), ctx.study_dir)

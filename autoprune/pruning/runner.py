@@ -76,6 +76,7 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
             recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
             train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
         masks = pruner.final_masks()
+        masks = _from_rank_zero(model, masks)  # data-parallel trials: one set of masks
     apply_masks(model, masks)
     if on_pruned is not None and resume is None:
         on_pruned(PrunedState({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -85,6 +86,24 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
         train(model, data, finetune_recipe, hooks=[MaskHook(masks)], seed=seed + 1,
               on_epoch=log("finetune"))
     return PruneResult(pruner, masks, history)
+
+
+def _from_rank_zero(model: nn.Module, masks: Masks) -> Masks:
+    """In a data-parallel trial, rank 0's masks and weights on every rank (else as given)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return masks
+    out = {}
+    for name in sorted(masks):
+        m = masks[name]
+        buf = m.to(torch.uint8) if m.dtype == torch.bool else m.clone()  # gloo has no bool
+        dist.broadcast(buf, src=0)
+        out[name] = buf.to(m.dtype)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    return out
 
 
 def calibration_batches(data: TensorData, batch_size: int, seed: int

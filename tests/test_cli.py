@@ -74,7 +74,8 @@ def test_quiet_hides_progress_and_keeps_the_result(tmp_path, capsys, pretrained)
     ckpt = tmp_path / "dense.pt"
     torch.save(pretrained, ckpt)
     argv = ["prune", "--method", "magnitude", "--set", "gradual=false", "--set", "epochs=0",
-            "--finetune", "epochs=0", "--out", str(tmp_path), "--dense-checkpoint", str(ckpt)]
+            "--set", "granularity=filter", "--finetune", "epochs=0", "--out", str(tmp_path),
+            "--dense-checkpoint", str(ckpt)]
     assert main(["-q", *argv]) == 0
     got = capsys.readouterr()
     assert got.err == "" and "test accuracy" in got.out
@@ -111,6 +112,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(tty, monkeypatch, c
     from autoprune.cli import progress_log
 
     term = _Terminal()
+    monkeypatch.setattr("autoprune.cli._verbosity", 0)  # whatever an earlier main() was told
     if tty:
         monkeypatch.setattr(sys, "stderr", term)
     info = progress_log(False)

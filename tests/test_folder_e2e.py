@@ -80,7 +80,8 @@ def test_resnet18_imagenet_study_runs_on_a_stand_in(tmp_path):
     torch.save(build_model("torchvision:resnet18", 3, 3, 224).state_dict(), dense)
     r = subprocess.run([sys.executable, "-m", "autoprune", "prune", "--study",
                         "resnet18-imagenet", "--data-root", str(root), "--method", "magnitude",
-                        "--set", "gradual=false", "--set", "epochs=0", "--finetune", "epochs=1",
+                        "--set", "gradual=false", "--set", "epochs=0", "--set",
+                        "granularity=filter", "--finetune", "epochs=1",
                         "--dense-checkpoint", str(dense), "--budget", "flops=0.5", "--json",
                         "--out", str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=600)

@@ -42,7 +42,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         data_root=args.data_root, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
         tune_storage=args.tune_storage, max_failures=args.max_failures, resume=args.resume,
-        dense_checkpoint=args.dense_checkpoint, trial_workers=args.trial_workers)
+        dense_checkpoint=args.dense_checkpoint, trial_workers=args.trial_workers,
+        baselines=args.baselines)
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -132,6 +133,9 @@ def add_commands(sub, common) -> None:
     p.add_argument("--trial-workers", type=_positive_int, default=1,
                    help="run each trial data-parallel over N Ray Train workers (DDP), each "
                         "with --cpus-per-trial CPUs and --gpus-per-trial GPUs (default: 1)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="do not start a new search from the hand baselines (one-shot and AGP "
+                        "magnitude pruning at the full budget)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     p.add_argument("--scheduler", choices=["none", "asha"], default="none",
                    help="asha stops weak trials early (told to Optuna as pruned)")

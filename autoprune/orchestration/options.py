@@ -41,6 +41,7 @@ class SearchOptions:
     dense_checkpoint: str | None = None
     max_failures: int = 1
     trial_workers: int = 1  # > 1: each trial data-parallel over N workers (distributed.py)
+    baselines: bool = True  # a new search's first trials are the hand baselines (baselines.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

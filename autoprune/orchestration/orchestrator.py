@@ -184,7 +184,7 @@ def search(opts: SearchOptions) -> dict:
                                faults=Faults.from_env(), shared_data=share_data(wb.data),
                                trial_workers=opts.trial_workers, gpus=opts.gpus_per_trial)
             layers = wb.layers
-            if not done and remaining > 1:  # a new search starts from the hand baselines
+            if opts.baselines and not done and remaining > 1:  # start from the hand baselines
                 # (after `reconcile`, which fails trials left waiting by a dead driver)
                 table = CostTable.from_accountant(wb.accountant, space.prunable(layers))
                 enqueue_baselines(ot_study, baseline_params(

@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK_SPACE
 from test_imagefolder import FOLDER_STUDY, write_digits_folder
-
-QUICK = """
-methods:
-  magnitude:
-    gradual: false
-    epochs: 0
-finetune:
-  epochs: 1
-sparsity:
-  target_floor: 0.6
-"""
 
 
 def test_search_then_export_reproduces_on_the_folder(ray_session, tmp_path, capsys):
@@ -38,7 +28,7 @@ def test_search_then_export_reproduces_on_the_folder(ray_session, tmp_path, caps
     study.write_text(FOLDER_STUDY.format(model="torchvision:resnet18", path=folder, size=32,
                                          epochs=2))
     space = tmp_path / "space.yaml"
-    space.write_text(QUICK)
+    space.write_text(QUICK_SPACE)
     out = tmp_path / "out"
     rc = main(["search", "--study", str(study), "--space", str(space), "--trials", "2",
                "--workers", "1", "--out", str(out), "--json"])

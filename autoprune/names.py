@@ -32,9 +32,14 @@ TAG_ERROR = "autoprune.error"  # truncated error text of a failed trial
 TAG_BUDGET = "autoprune.budget"
 TAG_VERSION_PREFIX = "autoprune.version."  # + package name: torch, ray, optuna, mlflow, ...
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key for nesting runs in the UI
+TAG_FINALIST = "autoprune.finalist"  # "true" on a trial run retrained by the finalist stage
+TAG_FINALIST_OF = "autoprune.finalist_of"  # on a finalist run: the trial number it retrains
+TAG_SEARCH = "autoprune.search_run"  # on a finalist run: the search's parent run id
 
 ROLE_SEARCH = "search"
 ROLE_TRIAL = "trial"
+ROLE_FINALIST = "finalist"
+SEARCH_PREFIX = "search/"  # a finalist's trial run keeps its search-time accuracy under this
 
 # Artifacts.
 ART_CONFIG = "config.yaml"

@@ -9,7 +9,7 @@ back, so the study alone can rebuild every point. `as_point()` is its plain-dict
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 from .names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC
@@ -40,6 +40,13 @@ class TrialRecord:
     finetune: dict[str, Any] | None = None
     feasible: bool = True
     budget_violation: float = 0.0  # how far over the budget (<= 0: within it)
+    # Set when the finalist stage retrained this trial with the full fine-tune
+    # (orchestration/finalists.py): val/test accuracy and checkpoint are then the finalist's,
+    # and the search-time values are kept here.
+    finalist: bool = False
+    final_epochs: int | None = None
+    search_val_accuracy: float | None = None
+    search_test_accuracy: float | None = None
 
     # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study.
     OPTUNA_ATTRS: ClassVar[tuple[str, ...]] = (
@@ -73,6 +80,20 @@ class TrialRecord:
                    finetune=_json(attrs.get("finetune_overrides")),
                    feasible=violation <= FEASIBLE_TOLERANCE, budget_violation=violation)
 
+    def with_finalist(self, result: dict[str, Any] | None) -> TrialRecord:
+        """This record with a finalist's retrained accuracy and weights, if `result` is a
+        finished finalist (a failed one leaves the search-time record as it was)."""
+        if not result or result.get("failed") or "val_accuracy" not in result:
+            return self
+        return replace(self, val_accuracy=float(result["val_accuracy"]),
+                       test_accuracy=result.get("test_accuracy"),
+                       checkpoint=result.get("checkpoint", self.checkpoint), finalist=True,
+                       final_epochs=result.get("epochs"),
+                       # the rerun command then repeats the finalist, not the short trial
+                       finetune={**(self.finetune or {}), "epochs": result.get("epochs")},
+                       search_val_accuracy=self.val_accuracy,
+                       search_test_accuracy=self.test_accuracy)
+
     def hyperparameters(self) -> dict[str, Any]:
         return json.loads(self.hparams) if self.hparams else {}
 
@@ -86,6 +107,8 @@ class TrialRecord:
     def metrics(self) -> dict[str, float]:
         """The numbers of the trial's MLflow run (those the Optuna study keeps)."""
         extra = {"test_accuracy": self.test_accuracy,
+                 "search_val_accuracy": self.search_val_accuracy,
+                 "search_test_accuracy": self.search_test_accuracy,
                  "compact_flops_frac": self.compact_flops_frac,
                  "sparse_flops_frac": self.sparse_flops_frac, "weights_frac": self.weights_frac,
                  "budget_violation": self.budget_violation}

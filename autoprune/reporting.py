@@ -201,7 +201,7 @@ def trials_frame(out: str | Path, study: str | None = None, tracking_uri: str | 
     import pandas as pd
     from mlflow import MlflowClient
 
-    from .names import TAG_FEASIBLE, TAG_METHOD, TAG_PARENT, TAG_PARETO, TAG_TRIAL
+    from .names import TAG_FEASIBLE, TAG_FINALIST, TAG_METHOD, TAG_PARENT, TAG_PARETO, TAG_TRIAL
 
     out = Path(out).expanduser().resolve()
     client = MlflowClient(_store_uri(out, tracking_uri))
@@ -222,7 +222,8 @@ def trials_frame(out: str | Path, study: str | None = None, tracking_uri: str | 
             continue
         row = {"trial": int(tags[TAG_TRIAL]), "method": tags.get(TAG_METHOD),
                "status": r.info.status, "pareto": tags.get(TAG_PARETO) == "true",
-               "feasible": tags.get(TAG_FEASIBLE, "true") == "true", "study": study}
+               "feasible": tags.get(TAG_FEASIBLE, "true") == "true",
+               "finalist": tags.get(TAG_FINALIST) == "true", "study": study}
         row.update({k: v for k, v in r.data.params.items() if k != "method"})
         row.update(r.data.metrics)
         row["run_id"] = r.info.run_id

@@ -20,6 +20,9 @@ from .record import TrialRecord
 SQLITE = "sqlite:///"
 PARENT_ATTR = "mlflow_parent_run_id"  # Optuna study attr: the MLflow parent run of the search
 KILLED_ATTR = "killed"  # Optuna trial attr: stopped by an interrupted or dead driver
+# Optuna *study* attr prefix: "finalist.<trial>" holds that trial's finalist result. On the
+# study, not the trial: Optuna refuses to change a finished trial.
+FINALIST_PREFIX = "finalist."
 
 
 # ---- where the stores are --------------------------------------------------------------------
@@ -68,12 +71,29 @@ def open_search(study_dir: Path, name: str, storage: str | None = None):
         raise UserError(f"{url} holds no search named '{name}'") from None
 
 
-def trial_records(ot_study: Any) -> list[TrialRecord]:
-    """Completed trials of an Optuna study, as records (in trial order)."""
+def trial_records(ot_study: Any, finalists: bool = True) -> list[TrialRecord]:
+    """Completed trials of an Optuna study, as records (in trial order).
+
+    With `finalists` (what the front, `best`, report and export read) a trial retrained by
+    the finalist stage carries its finalist's accuracy and checkpoint; without, every record
+    is as the search measured it (what chooses the finalists, so a resumed stage chooses the
+    same ones).
+    """
     from optuna.trial import TrialState
 
-    return [TrialRecord.from_optuna(t)
+    done = finalist_results(ot_study) if finalists else {}
+    return [TrialRecord.from_optuna(t).with_finalist(done.get(t.number))
             for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def finalist_results(ot_study: Any) -> dict[int, dict[str, Any]]:
+    """Trial number -> the recorded result of its finalist (finished or failed)."""
+    out = {}
+    for key, value in ot_study.user_attrs.items():
+        number = key.removeprefix(FINALIST_PREFIX)
+        if key.startswith(FINALIST_PREFIX) and number.isdigit() and isinstance(value, dict):
+            out[int(number)] = value
+    return out
 
 
 def trial_points(ot_study: Any) -> list[dict]:
@@ -135,6 +155,19 @@ def trial_run(client: Any, experiment_id: str, trial: int, run_id: str | None = 
     runs = client.search_runs([experiment_id], f"tags.`{TAG_TRIAL}` = '{int(trial)}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def finalist_runs(client: Any, experiment_id: str, parent_id: str) -> dict[int, Any]:
+    """Trial number -> the finalist run of that trial in the search `parent_id` (the first
+    found; a resumed stage reuses it)."""
+    from .names import TAG_FINALIST_OF, TAG_SEARCH
+
+    found: dict[int, Any] = {}
+    for run in search_runs(client, [experiment_id], f"tags.`{TAG_SEARCH}` = {_quote(parent_id)}"):
+        trial = run.data.tags.get(TAG_FINALIST_OF, "")
+        if trial.isdigit():
+            found.setdefault(int(trial), run)
+    return found
 
 
 def find_searches(client: Any, study: str) -> list[Any]:

@@ -251,7 +251,7 @@ class Tracker:
             tags[TAG_ERROR] = tail
         all_params = {_key(k): v for k, v in {"method": method, **flatten(params)}.items()}
         ts = _now_ms()
-        curves = self._curves(history, ts)
+        curves = self.curves(history, ts)
         if existing is None:
             run = self.client.create_run(self._exp(), start_time=ts, tags=tags,
                                          run_name=run_name(trial_number, method, metrics))
@@ -269,7 +269,7 @@ class Tracker:
                     new_params[k] = s
                 elif old.params[k] != s:
                     tags[f"autoprune.param_changed.{k}"[:250]] = s[:_TAG_CHARS]
-            curves = self._new_points(rid, curves)
+            curves = self.new_points(rid, curves)
             run_tags = tags
             if not error and TAG_ERROR in old.tags:  # an earlier failed attempt now succeeded
                 self.client.delete_tag(rid, TAG_ERROR)
@@ -292,7 +292,7 @@ class Tracker:
         return rid
 
     @staticmethod
-    def _curves(history: Sequence[Mapping[str, Any]], ts: int) -> list[Metric]:
+    def curves(history: Sequence[Mapping[str, Any]], ts: int) -> list[Metric]:
         out = []
         for i, rec in enumerate(history):
             step = int(rec.get("step", i))
@@ -307,7 +307,7 @@ class Tracker:
                 out.append(Metric(_key(f"{phase}/epoch"), float(rec["epoch"]), ts, step))
         return out
 
-    def _new_points(self, run_id: str, curves: list[Metric]) -> list[Metric]:
+    def new_points(self, run_id: str, curves: list[Metric]) -> list[Metric]:
         """Curve points whose (key, step) is not stored yet: a re-logged trial adds no repeats."""
         keys = {m.key for m in curves}
         seen = {(k, m.step) for k in keys for m in self.client.get_metric_history(run_id, k)}

@@ -338,3 +338,60 @@ def test_lock_refuses_a_second_search(ray_session, new_out, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "another autoprune search is running" in err
     assert not (new_out / STUDY / "optuna.db").exists(), "the refused search wrote nothing"
+
+
+# ---- the driver killed during the finalist stage ------------------------------------------------
+
+def _finalists_in_optuna(out: Path) -> dict[str, str]:
+    """Finalist results recorded on the study so far (read-only, as `completed_in_optuna`)."""
+    db = out / STUDY / "optuna.db"
+    if not db.exists():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            rows = con.execute("SELECT key, value_json FROM study_user_attributes "
+                               "WHERE key LIKE 'finalist.%'").fetchall()
+    except sqlite3.Error:
+        return {}
+    return dict(rows)
+
+
+def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
+        ray_session, new_out, tmp_path, capsys):
+    space = write_space(tmp_path, QUICK_SPACE)
+    args = ["--study", STUDY, "--space", space, "--budget", "flops=0.4", "--trials", "3",
+            "--workers", "1", "--finalists", "2", "--final-epochs", "3",
+            "--out", str(new_out)]
+    # one finalist at a time, 1 s per epoch: the driver dies after the first, during the second
+    driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "1"})
+    try:
+        driver.wait_for(lambda: len(_finalists_in_optuna(new_out)) >= 1, timeout=240)
+        driver.proc.send_signal(signal.SIGKILL)
+        assert driver.finish() == -signal.SIGKILL
+    finally:
+        driver.kill_group()
+    first = _finalists_in_optuna(new_out)
+    assert len(first) == 1, "killed while the second finalist was training"
+    client = MlflowClient(f"sqlite:///{new_out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(STUDY)
+
+    def finalist_runs():
+        return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+                if r.data.tags.get("autoprune.role") == "finalist"]
+    assert sorted(r.info.status for r in finalist_runs()) == ["FINISHED", "RUNNING"]
+
+    rc = main(["search", *args, "--resume", "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    after = _finalists_in_optuna(new_out)
+    assert len(after) == 2 and all("val_accuracy" in json.loads(v) for v in after.values())
+    for key, value in first.items():  # the finished finalist was not retrained
+        assert after[key] == value
+    runs = finalist_runs()
+    assert len(runs) == 2, "the killed finalist's run was reused, not duplicated"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(f["trial"] for f in summary["finalists"]) == \
+        sorted(int(k.split(".")[1]) for k in after)
+    assert all("val_accuracy" in f for f in summary["finalists"])
+    trials, _ = assert_stores_agree(new_out)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3, "no trial was rerun"

@@ -43,7 +43,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
         tune_storage=args.tune_storage, max_failures=args.max_failures, resume=args.resume,
         dense_checkpoint=args.dense_checkpoint, trial_workers=args.trial_workers,
-        baselines=args.baselines)
+        baselines=args.baselines, finalists=args.finalists, final_epochs=args.final_epochs)
     # Ray Tune prints hints on stdout; stdout carries only our table or the --json object.
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -136,6 +136,12 @@ def add_commands(sub, common) -> None:
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="do not start a new search from the hand baselines (one-shot and AGP "
                         "magnitude pruning at the full budget)")
+    p.add_argument("--finalists", type=_non_negative_int, default=3,
+                   help="retrain this many of the most accurate in-budget front points with "
+                        "the full fine-tune at the end; best, report and export use them "
+                        "(default 3; 0: none)")
+    p.add_argument("--final-epochs", type=_positive_int, default=None,
+                   help="fine-tune epochs of the finalists (default: 3x the study's)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     p.add_argument("--scheduler", choices=["none", "asha"], default="none",
                    help="asha stops weak trials early (told to Optuna as pruned)")
@@ -219,6 +225,15 @@ def print_front(summary: dict, stream=None) -> None:
               f"{hps}", file=stream)
     print("flops: MACs of the compacted model (dense hardware); sparse: MACs of the nonzero "
           "weights; drop: dense val - val", file=stream)
+    finals = [f for f in summary.get("finalists") or [] if "val_accuracy" in f]
+    if finals:
+        print(f"finalists (retrained for {finals[0].get('epochs')} fine-tune epochs; the table "
+              f"shows their accuracy):", file=stream)
+        for f in finals:
+            print(f"  trial {f['trial']:>3} {f.get('method') or '-':<12} val "
+                  f"{_f(f.get('search_val_accuracy'))} -> {_f(f['val_accuracy'])}   test "
+                  f"{_f(f.get('search_test_accuracy'))} -> {_f(f.get('test_accuracy'))}",
+                  file=stream)
     if summary.get("best"):
         b = summary["best"]
         print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",
@@ -229,6 +244,6 @@ def print_front(summary: dict, stream=None) -> None:
                   f"{sp['dense_ms']:.3f} ms, compacted {sp['compacted_ms']:.3f} ms)",
                   file=stream)
         if b.get("rerun"):
-            print(f"rerun it alone (e.g. with a longer fine-tune): {b['rerun']}", file=stream)
+            print(f"rerun it alone: {b['rerun']}", file=stream)
     else:
         print("no completed trial met the budget", file=stream)

@@ -9,7 +9,7 @@ environment); a trial calls `on_start` and `on_epoch`, which do nothing unless a
                                     fine-tune epoch (a marker file in the study folder makes it
                                     happen only the first time)
     AUTOPRUNE_TEST_RAISE_TRIAL=<n>  trial n raises RuntimeError (every attempt)
-    AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial sleeps s seconds after each epoch
+    AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial (and finalist) sleeps s seconds after each epoch
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ class Faults:
         """Before the trial's training: raise if this trial is the one to fail."""
         if self.raise_trial is not None and self.raise_trial == number:
             raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")
+
+    def on_final_epoch(self) -> None:
+        """After each epoch of a finalist (finalists.py): sleep, so a test can kill the
+        driver during the finalist stage."""
+        if self.slow_seconds:
+            time.sleep(self.slow_seconds)
 
     def on_epoch(self, number: int, phase: str, study_dir: str) -> None:
         """After each epoch: sleep, or die like a lost worker would (once, in fine-tuning)."""

@@ -42,6 +42,8 @@ class SearchOptions:
     max_failures: int = 1
     trial_workers: int = 1  # > 1: each trial data-parallel over N workers (distributed.py)
     baselines: bool = True  # a new search's first trials are the hand baselines (baselines.py)
+    finalists: int = 3  # top front points retrained with the full fine-tune (finalists.py)
+    final_epochs: int | None = None  # their fine-tune epochs (default: 3x the study's)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +92,8 @@ def resume_hint(opts: SearchOptions) -> str:
                         ("--trials", opts.trials), ("--ray-address", opts.ray_address),
                         *((f"--{k.replace('_', '-')}", getattr(opts, k))
                           for k in ("workers", "cpus_per_trial", "gpus_per_trial", "sampler",
-                                    "scheduler", "seed", "max_failures", "trial_workers")
+                                    "scheduler", "seed", "max_failures", "trial_workers",
+                                    "finalists", "final_epochs")
                           if getattr(opts, k) != getattr(defaults, k)),
                         ("--tracking-uri", opts.tracking_uri),
                         ("--optuna-storage", opts.optuna_storage and redact(opts.optuna_storage)),

@@ -34,6 +34,7 @@ from .baselines import baseline_params, enqueue_baselines
 from .cluster import host_port, init_ray, tune_storage
 from .distributed import share_data, trial_resources
 from .faults import Faults
+from .finalists import final_epochs, finalist_rows, run_stage
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
 from .resume import (
@@ -102,9 +103,10 @@ def search(opts: SearchOptions) -> dict:
     space = SearchSpace.load(space_path).for_budget(budget.structured)
     trials = opts.trials or study.trials
     if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0 \
-            or opts.trial_workers < 1:
-        raise UserError("--trials, --workers and --trial-workers must be >= 1, "
-                        "--cpus-per-trial > 0, --gpus-per-trial >= 0")
+            or opts.trial_workers < 1 or opts.finalists < 0 \
+            or (opts.final_epochs is not None and opts.final_epochs < 1):
+        raise UserError("--trials, --workers, --trial-workers and --final-epochs must be >= 1, "
+                        "--finalists >= 0, --cpus-per-trial > 0, --gpus-per-trial >= 0")
     if opts.ray_address:
         host_port(opts.ray_address)
     if opts.scheduler not in ("none", "asha"):
@@ -127,8 +129,8 @@ def search(opts: SearchOptions) -> dict:
         if local_db is None or local_db.exists():  # (opening creates the file)
             done = finished_before(open_storage(storage_url), study.name, opts.resume)
         remaining = max(0, trials - done)
-        if remaining > 0:  # fail fast (no cluster, no GPUs) before anything is written
-            init_ray(opts)
+        if remaining > 0 or opts.finalists > 0:  # fail fast (no cluster, no GPUs) before
+            init_ray(opts)  # anything is written
         # model, data, dense checkpoint and budget are checked before any store is created
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
                             checkpoint=opts.dense_checkpoint, log=log.info)
@@ -150,7 +152,8 @@ def search(opts: SearchOptions) -> dict:
                          "space": str(space_path), "budget": str(budget), "trials": trials,
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
-                         "trial_workers": opts.trial_workers,
+                         "trial_workers": opts.trial_workers, "finalists": opts.finalists,
+                         "final_epochs": final_epochs(study, opts.final_epochs),
                          "scheduler": opts.scheduler, "seed": opts.seed,
                          "optuna_storage": store.redact(storage_url), **study.describe()}
         # One parent run per study: reused by --resume, and by a rerun of a search that was
@@ -173,7 +176,8 @@ def search(opts: SearchOptions) -> dict:
         status = "FINISHED"
         interrupted = False
         progress = ProgressCallback(total=trials, done_before=done, budget=budget)
-        if remaining > 0:
+        ctx = None
+        if remaining > 0 or opts.finalists > 0:
             if study.objects is not None:  # a custom study's model code goes to the workers
                 study.objects.ship_by_value()
             ctx = TrialContext(study=study, space=space, out=str(out),
@@ -183,6 +187,7 @@ def search(opts: SearchOptions) -> dict:
                                    opts.dense_checkpoint),
                                faults=Faults.from_env(), shared_data=share_data(wb.data),
                                trial_workers=opts.trial_workers, gpus=opts.gpus_per_trial)
+        if remaining > 0:
             layers = wb.layers
             if opts.baselines and not done and remaining > 1:  # start from the hand baselines
                 # (after `reconcile`, which fails trials left waiting by a dead driver)
@@ -226,6 +231,15 @@ def search(opts: SearchOptions) -> dict:
                 status = "KILLED"
             reconcile(ot_study, storage, tracker, parent_id)
 
+        stage = {"chosen": [], "ran": 0, "interrupted": False}
+        if ctx is not None and opts.finalists > 0 and not interrupted:
+            stage = run_stage(ot_study, tracker, parent_id, ctx, k=opts.finalists,
+                              epochs=final_epochs(study, opts.final_epochs),
+                              workers=opts.workers, cpus=opts.cpus_per_trial,
+                              gpus=opts.gpus_per_trial)
+            if stage["interrupted"]:
+                interrupted, status = True, "KILLED"
+
         summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
                             status=status,
                             study_ref=study_ref(opts.study))
@@ -234,6 +248,7 @@ def search(opts: SearchOptions) -> dict:
                      and finished_count(ot_study) < trials)
         summary["resume_hint"] = resume_hint(opts) if interrupted or timed_out else None
         summary["interrupted"] = interrupted
+        summary["finalists"] = finalist_rows(ot_study, stage["chosen"])
         summary["time_limit_reached"] = timed_out
         summary["parent_run_id"] = parent_id
         summary["tracking_uri"] = tracking_uri

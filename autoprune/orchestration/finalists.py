@@ -1,0 +1,186 @@
+"""The finalist stage: the best points of a search retrained with the full fine-tune.
+
+Trials fine-tune briefly (and ASHA stops the weak ones sooner still), which is what lets a
+search try many candidates; a model a user ships is fine-tuned for longer. So a search ends by
+retraining its top `k` in-budget front points (by validation accuracy) with the same method,
+hyperparameters, per-layer sparsities and seed, but `epochs` of fine-tuning: exactly what
+`autoprune prune` does with the trial's rerun command plus `--finetune epochs=N`, so a finalist
+reproduces from one command. `best`, the front, `report` and `export` then use the finalist's
+accuracy and weights (`TrialRecord.with_finalist`).
+
+Resumable: a finalist's result is stored on the Optuna study (`store.FINALIST_PREFIX`) as soon
+as it finishes, and the finalists are chosen from the search-time records only, so a stage
+interrupted or killed part-way chooses the same trials again, skips the finished ones and reruns
+the rest in their existing MLflow runs (finalist_runs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .. import pareto, store
+from ..finalist_runs import FinalistRuns
+from ..record import TrialRecord
+from ..study import Study
+from .trial import TrialContext
+
+log = logging.getLogger("autoprune")
+EPOCH_FACTOR = 3  # default finalist fine-tune: this many times the study's trial fine-tune
+
+
+@dataclass(frozen=True)
+class Finalist:
+    """What one finalist retrains (all of it read off its trial's record)."""
+
+    trial: int
+    method: str
+    params: dict[str, Any]
+    targets: dict[str, float]
+    finetune: dict[str, Any]  # the trial's fine-tune overrides, epochs raised
+
+    @property
+    def epochs(self) -> int:
+        return int(self.finetune["epochs"])
+
+
+def final_epochs(study: Study, given: int | None) -> int:
+    """`--final-epochs`, or by default EPOCH_FACTOR times the study's fine-tune epochs."""
+    return int(given) if given is not None else EPOCH_FACTOR * int(study.finetune.epochs)
+
+
+def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
+    """The top `k` points of the in-budget front by validation accuracy (a tie: the smaller).
+
+    Records must be the search-time ones (`store.trial_records(..., finalists=False)`), so
+    that a resumed stage makes the same choice. Trials recorded before their per-layer
+    sparsities were kept cannot be retrained and are passed over.
+    """
+    points = [r.as_point() for r in records]
+    on_front = {p["trial"] for p in pareto.feasible_front(points)}
+    usable = [r for r in records if r.trial in on_front and r.layer_sparsity and r.method]
+    usable.sort(key=lambda r: (-r.val_accuracy, r.flops_frac, r.params_frac, r.trial))
+    return usable[:max(0, k)]
+
+
+def plan(record: TrialRecord, epochs: int) -> Finalist:
+    """A trial's finalist: its own settings with at least `epochs` of fine-tuning."""
+    ft = dict(record.finetune or {})
+    ft["epochs"] = max(int(epochs), int(ft.get("epochs", 0)))
+    return Finalist(trial=record.trial, method=str(record.method),
+                    params=record.hyperparameters(), targets=dict(record.layer_sparsity or {}),
+                    finetune=ft)
+
+
+def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
+    """Run one finalist in a Ray worker; its metrics, or `failed` with the error."""
+    import torch
+
+    from ..device import set_threads
+    from ..pipeline import run_pruning
+    from .trial import workbench
+
+    try:
+        set_threads(ctx.cpus)
+        wb = workbench(ctx)
+
+        def progress(rec: dict) -> None:
+            ctx.faults.on_final_epoch()
+
+        model, m = run_pruning(wb, spec.method, spec.params, spec.targets,
+                               finetune=spec.finetune, seed=ctx.seed + max(spec.trial, 0),
+                               on_epoch=progress)
+        ckpt_dir = Path(ctx.study_dir) / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = ckpt_dir / f"final-{spec.trial}.pt"
+        fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".tmp")
+        os.close(fd)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, ckpt)
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed finalist, the search goes on
+        return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    keep = ("val_accuracy", "test_accuracy", "flops_frac", "sparse_flops_frac", "params_frac",
+            "weights_frac", "compact_flops_frac")
+    return {**{k: float(m[k]) for k in keep}, "checkpoint": str(ckpt), "epochs": spec.epochs,
+            "history": m["history"]}
+
+
+def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext, *, k: int,
+              epochs: int, workers: int, cpus: float, gpus: float) -> dict[str, Any]:
+    """Retrain the chosen finalists that have no result yet, `workers` at a time.
+
+    Returns {"chosen": [trial numbers], "ran": n, "interrupted": bool}. Ctrl-C (or a
+    KeyboardInterrupt from the caller) cancels the running ones and ends their runs KILLED;
+    their results are simply missing, and `--resume` retrains them.
+    """
+    import ray
+
+    chosen = choose(store.trial_records(ot_study, finalists=False), k)
+    done = store.finalist_results(ot_study)
+    todo = [plan(r, epochs) for r in chosen if r.trial not in done]
+    runs = FinalistRuns(tracker, parent_id)
+    runs.kill_running(keep={f.trial for f in todo})  # chosen no more (e.g. --finalists lowered)
+    summary = {"chosen": [r.trial for r in chosen], "ran": 0, "interrupted": False}
+    if not todo:
+        return summary
+    log.info(f"finalist stage: retraining trial(s) {', '.join(str(f.trial) for f in todo)} "
+             f"with {todo[0].epochs} fine-tune epochs"
+             + (f" ({len(chosen) - len(todo)} finished before)" if len(chosen) > len(todo)
+                else ""))
+    remote = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    ctx_ref = ray.put(ctx)
+    waiting, running = list(todo), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < max(1, workers):
+                spec = waiting.pop(0)
+                runs.start(spec.trial, spec.method, spec.epochs)
+                running[remote.remote(ctx_ref, spec)] = (spec, time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1)
+            spec, t0 = running.pop(ready[0])
+            _record(ot_study, runs, spec, ray.get(ready[0]), time.monotonic() - t0)
+            summary["ran"] += 1
+    except KeyboardInterrupt:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        runs.kill_running()
+        summary["interrupted"] = True
+        log.info("interrupted: the finalists still running are recorded as killed")
+    return summary
+
+
+def finalist_rows(ot_study: optuna.Study, chosen: list[int]) -> list[dict[str, Any]]:
+    """What `--json` shows of the finalists: search-time and retrained accuracy side by side."""
+    search = {r.trial: r for r in store.trial_records(ot_study, finalists=False)}
+    done = store.finalist_results(ot_study)
+    rows = []
+    for n in chosen:
+        r, f = search.get(n), done.get(n, {})
+        rows.append({"trial": n, "method": r.method if r else None,
+                     "search_val_accuracy": r.val_accuracy if r else None,
+                     "search_test_accuracy": r.test_accuracy if r else None,
+                     **{k: f.get(k) for k in ("val_accuracy", "test_accuracy", "epochs",
+                                              "seconds", "failed", "error") if k in f}})
+    return rows
+
+
+def _record(ot_study: optuna.Study, runs: FinalistRuns, spec: Finalist, result: dict,
+            seconds: float) -> None:
+    """Store one finalist's result (Optuna first: it is what a resumed stage checks)."""
+    history = result.pop("history", [])
+    result = {**result, "seconds": round(seconds, 2)}
+    ot_study.set_user_attr(f"{store.FINALIST_PREFIX}{spec.trial}", result)
+    if result.get("failed"):
+        runs.fail(spec.trial, result.get("error", "error"))
+        log.info(f"finalist of trial {spec.trial} failed: {result.get('error')}")
+        return
+    runs.finish(spec.trial, result, history)
+    log.info(f"finalist of trial {spec.trial} ({spec.method}, {spec.epochs} epochs): "
+             f"val {result['val_accuracy']:.4f} test {result['test_accuracy']:.4f}")

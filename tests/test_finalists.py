@@ -1,0 +1,133 @@
+"""The finalist stage: the top in-budget front points retrained with the full fine-tune.
+
+A real (tiny) search on the offline digits study with real Ray, Optuna and MLflow: the chosen
+trials are retrained for longer, `best`, the front, `report` and `export` use the retrained
+models, and the MLflow finalist runs hang under their trials. Resuming after the driver was
+killed during the stage is tested in test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import QUICK_SPACE
+from mlflow import MlflowClient
+
+import autoprune
+from autoprune import store
+from autoprune.orchestration.finalists import choose
+from autoprune.record import TrialRecord
+
+STUDY = "digits-lenet"
+
+
+def _rec(trial: int, val: float, flops: float, params: float, feasible: bool = True
+         ) -> TrialRecord:
+    return TrialRecord(trial=trial, method="magnitude", val_accuracy=val, flops_frac=flops,
+                       params_frac=params, layer_sparsity={"conv1": 0.5}, feasible=feasible)
+
+
+def test_choose_takes_the_most_accurate_in_budget_front_points():
+    records = [_rec(0, 0.90, 0.10, 0.30),
+               _rec(1, 0.95, 0.39, 0.35),
+               _rec(2, 0.99, 0.45, 0.45, feasible=False),  # over budget: never a finalist
+               _rec(3, 0.93, 0.20, 0.20),
+               _rec(4, 0.92, 0.39, 0.36)]  # dominated by trial 1: not on the front
+    assert [r.trial for r in choose(records, 2)] == [1, 3]
+    assert [r.trial for r in choose(records, 10)] == [1, 3, 0]
+    assert choose(records, 0) == []
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory) -> tuple[Path, dict]:
+    """One search of 4 quick trials (1 fine-tune epoch) with 2 finalists of 3 epochs."""
+    from autoprune.pipeline import Workbench
+    from autoprune.study import load_study
+
+    out = tmp_path_factory.mktemp("finalists") / "runs"
+    Workbench.open(load_study(STUDY), out, device="cpu")  # the dense cache, trained once
+    space = out.parent / "space.yaml"
+    space.write_text(QUICK_SPACE)
+    summary = autoprune.search(STUDY, "flops=0.4", space=str(space), trials=4, workers=2,
+                               out=str(out), finalists=2, final_epochs=3)
+    return out, summary
+
+
+def test_finalists_retrain_and_best_export_report_use_them(searched, tmp_path):
+    out, summary = searched
+    finals = summary["finalists"]
+    assert len(finals) == 2 and all(f["epochs"] == 3 for f in finals)
+    ot = optuna.load_study(study_name=STUDY, storage=store.optuna_url(out / STUDY))
+    search_time = {r.trial: r for r in store.trial_records(ot, finalists=False)}
+    for f in finals:  # chosen by search-time accuracy, among in-budget trials
+        assert search_time[f["trial"]].feasible
+        assert f["search_val_accuracy"] == search_time[f["trial"]].val_accuracy
+        ckpt = Path(ot.user_attrs[f"finalist.{f['trial']}"]["checkpoint"])
+        assert ckpt.name == f"final-{f['trial']}.pt"
+        # the retrained weights are another model than the trial's (3 epochs, not 1)
+        a = torch.load(ckpt, weights_only=True)
+        b = torch.load(search_time[f["trial"]].checkpoint, weights_only=True)
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    # best: a point of the printed front, with the finalist's numbers
+    best = summary["best"]
+    assert best is not None and best["trial"] in {p["trial"] for p in summary["pareto"]}
+    assert best["val_accuracy"] == max(p["val_accuracy"] for p in summary["pareto"])
+    if best["trial"] in {f["trial"] for f in finals}:
+        f = next(f for f in finals if f["trial"] == best["trial"])
+        assert best["finalist"] and best["val_accuracy"] == f["val_accuracy"]
+        assert "--finetune epochs=3" in best["rerun"]
+
+    # MLflow: one finalist run per finalist, nested under its trial's run; the trial run
+    # shows the retrained accuracy and keeps the search-time one under search/
+    client = MlflowClient(store.default_tracking_uri(out))
+    exp = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    trial_runs = {int(r.data.tags["autoprune.trial"]): r for r in runs
+                  if r.data.tags.get("autoprune.role") == "trial"}
+    final_runs = [r for r in runs if r.data.tags.get("autoprune.role") == "finalist"]
+    assert sorted(int(r.data.tags["autoprune.finalist_of"]) for r in final_runs) == \
+        sorted(f["trial"] for f in finals)
+    for r in final_runs:
+        n = int(r.data.tags["autoprune.finalist_of"])
+        f = next(f for f in finals if f["trial"] == n)
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == trial_runs[n].info.run_id
+        assert r.data.metrics["val_accuracy"] == pytest.approx(f["val_accuracy"])
+        steps = client.get_metric_history(r.info.run_id, "finetune/val_accuracy")
+        assert len(steps) == 3, "three fine-tune epochs, not the trial's one"
+        tm = trial_runs[n].data.metrics
+        assert tm["val_accuracy"] == pytest.approx(f["val_accuracy"])
+        assert tm["search/val_accuracy"] == pytest.approx(f["search_val_accuracy"])
+
+    # report reads the retrained accuracy from MLflow
+    rows = autoprune.report(str(out), STUDY)
+    row = rows[rows["trial"] == best["trial"]].iloc[0]
+    assert row["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert sorted(rows[rows["finalist"]]["trial"]) == sorted(f["trial"] for f in finals)
+
+    # export ships the finalist's weights and reproduces its test accuracy from the file
+    card = autoprune.export(str(out), STUDY, tmp_path / "best")
+    assert card["source"]["checkpoint"] == best["checkpoint"]
+    assert card["exported"]["test_accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-9)
+
+
+def test_resume_with_every_finalist_done_repeats_nothing(searched):
+    out, first = searched
+    ot = optuna.load_study(study_name=STUDY, storage=store.optuna_url(out / STUDY))
+    before = {k: json.dumps(v, sort_keys=True) for k, v in ot.user_attrs.items()
+              if k.startswith(store.FINALIST_PREFIX)}
+    space = out.parent / "space.yaml"
+    again = autoprune.search(STUDY, "flops=0.4", space=str(space), trials=4, workers=2,
+                             out=str(out), finalists=2, final_epochs=3, resume=True)
+    ot = optuna.load_study(study_name=STUDY, storage=store.optuna_url(out / STUDY))
+    after = {k: json.dumps(v, sort_keys=True) for k, v in ot.user_attrs.items()
+             if k.startswith(store.FINALIST_PREFIX)}
+    assert after == before
+    assert again["best"]["trial"] == first["best"]["trial"]
+    assert again["best"]["val_accuracy"] == first["best"]["val_accuracy"]
+    shutil.rmtree(out / STUDY / "tune", ignore_errors=True)

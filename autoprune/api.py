@@ -26,7 +26,7 @@ log = logging.getLogger("autoprune")
 
 def targets_for_budget(wb: Workbench, granularity: str, budget: Budget,
                        allocation: dict[str, float] | None = None, target: float = 1.0,
-                       max_sparsity: float = 0.99) -> dict[str, float]:
+                       max_sparsity: float = 0.999) -> dict[str, float]:
     """Per-layer sparsities meeting `budget` (scaled by `target`) with the given preferences.
 
     Refuses, before any training, a budget that the granularity cannot reach at all.

@@ -49,8 +49,10 @@ def _macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
 
 
 def tp_global(model: nn.Module, example: torch.Tensor, limits: dict[str, float],
-              output_layer: str, p: int = 2, steps: int = 24) -> nn.Module:
-    """Torch-Pruning global group-magnitude pruning to the largest ratio within `limits`.
+              output_layer: str, p: int = 2, steps: int = 24,
+              global_pruning: bool = True) -> nn.Module:
+    """Torch-Pruning global group-magnitude pruning to the largest ratio within `limits`
+    (`global_pruning=False`: the same ratio in every layer, the uniform hand baseline).
 
     `limits` holds kept fractions of the dense model for 'flops' and/or 'params', measured on
     the physically pruned model. Bisection over `pruning_ratio` (each probe prunes a fresh copy),
@@ -64,7 +66,7 @@ def tp_global(model: nn.Module, example: torch.Tensor, limits: dict[str, float],
         m = copy.deepcopy(model).eval()
         ignored = [m.get_submodule(output_layer)]
         pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(
-            p=p), global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored,
+            p=p), global_pruning=global_pruning, pruning_ratio=ratio, ignored_layers=ignored,
             max_pruning_ratio=0.95)
         pruner.step()
         return m
@@ -89,6 +91,35 @@ def tp_global(model: nn.Module, example: torch.Tensor, limits: dict[str, float],
     return best
 
 
+def _keep(m: nn.Module, limits: dict[str, float]) -> float:
+    """The fraction of conv/linear weights to keep so that `limits` hold."""
+    n_weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, PRUNABLE))
+    n_params = sum(p.numel() for p in m.parameters())
+    keeps = []
+    if "weights" in limits:
+        keeps.append(limits["weights"])
+    if "params" in limits:
+        keeps.append((limits["params"] * n_params - (n_params - n_weights)) / n_weights)
+    keep = min(keeps)
+    if keep <= 0:
+        raise ValueError(f"{limits} leaves no weight to keep")
+    return keep
+
+
+def tnp_uniform(model: nn.Module, limits: dict[str, float]) -> nn.Module:
+    """`torch.nn.utils.prune.l1_unstructured` with the same amount in every conv/linear layer
+    (the uniform hand baseline under params=/weights=); carries the reparametrisation."""
+    from torch.nn.utils import prune as tnp
+
+    m = copy.deepcopy(model)
+    keep = _keep(m, limits)
+    for mod in m.modules():
+        if isinstance(mod, PRUNABLE):
+            n = mod.weight.numel()
+            tnp.l1_unstructured(mod, "weight", amount=n - max(1, int(keep * n)))
+    return m
+
+
 def tnp_global(model: nn.Module, limits: dict[str, float]) -> nn.Module:
     """`torch.nn.utils.prune.global_unstructured` (L1) over every conv/linear weight.
 
@@ -102,15 +133,7 @@ def tnp_global(model: nn.Module, limits: dict[str, float]) -> nn.Module:
     m = copy.deepcopy(model)
     params = [(mod, "weight") for mod in m.modules() if isinstance(mod, PRUNABLE)]
     n_weights = sum(mod.weight.numel() for mod, _ in params)
-    n_params = sum(p.numel() for p in m.parameters())
-    keeps = []
-    if "weights" in limits:
-        keeps.append(limits["weights"])
-    if "params" in limits:
-        keeps.append((limits["params"] * n_params - (n_params - n_weights)) / n_weights)
-    keep = min(keeps)
-    if keep <= 0:
-        raise ValueError(f"{limits} leaves no weight to keep")
+    keep = _keep(m, limits)
     tnp.global_unstructured(params, pruning_method=tnp.L1Unstructured,
                             amount=n_weights - int(keep * n_weights))
     return m
@@ -159,15 +182,21 @@ def run_arm(arm: str, wb, limits: dict[str, float], seed: int,
     if arm == "tp-global-l2":
         pruned = tp_global(model, example, {k: v for k, v in limits.items()
                                             if k in ("flops", "params")}, out_layer)
+    elif arm == "tp-uniform-l2":
+        pruned = tp_global(model, example, {k: v for k, v in limits.items()
+                                            if k in ("flops", "params")}, out_layer,
+                           global_pruning=False)
     elif arm == "tnp-global-l1":
         pruned = tnp_global(model, limits)
+    elif arm == "tnp-uniform-l1":
+        pruned = tnp_uniform(model, limits)
     else:
         raise ValueError(f"unknown arm {arm!r}")
     left = None if seconds is None else seconds - (time.perf_counter() - t0)
     epochs = finetune(pruned, data, wb.study.finetune, seed, left)
     pruned = finalise(pruned)
     dense_macs, dense_params = wb.accountant.dense_macs, wb.accountant.dense_params
-    c_macs, c_params = _macs_params(compact(pruned, example) if arm == "tnp-global-l1"
+    c_macs, c_params = _macs_params(compact(pruned, example) if arm.startswith("tnp-")
                                     else pruned, example)
     nz_weights = sum(int((mod.weight != 0).sum()) for mod in pruned.modules()
                      if isinstance(mod, PRUNABLE))

@@ -1,29 +1,32 @@
-"""Search quality: autoprune's TPE search against random search and a hand-picked baseline.
+"""Search quality at equal wall-clock: autoprune's search against random search, the uniform
+hand baseline and the peer a user would pick instead.
 
     .venv/bin/python bench/search_quality.py [--quick] [--data-root DIR] [--seeds 0,1,2]
-        [--studies digits-lenet,lenet300-mnist] [--trials N] [--lenet300-subset 10000]
-        [--out DIR] [--update-docs] [--render OUT/results.json]
+        [--studies digits-lenet,lenet5-mnist,fashion-lenet5] [--trials N] [--subset 10000]
+        [--finalists 3] [--final-epochs N] [--out DIR] [--update-docs] [--render RESULTS_JSON]
 
-For every study, budget and seed, with the same trial count (the study's own: 16 for
-digits-lenet, 24 for lenet300-mnist), workers and seed:
-(a) `search(sampler="tpe")`, autoprune's default search over autoprune/search_spaces/default.yaml;
-(b) `search(sampler="random")` over the same space;
-(c) the baseline a user would pick by hand: one-shot magnitude pruning with the study's
-    fine-tuning, the *same* sparsity in every layer (`targets_for_budget` with a uniform
-    allocation: one global shift, so all layers get one value, the least that meets the budget),
-    run through `api.prune`.
-It reports the hypervolume of each search's in-budget front (reference point: val accuracy 0,
-flops_frac 1, params_frac 1; `autoprune.pareto.hypervolume`) and the **test** accuracy of the
-in-budget trial with the best *validation* accuracy (what a user would pick), as mean and sample
-standard deviation over the seeds. Each seed trains its own dense model (cached in <out>/shared
-and handed to all three arms as the dense checkpoint), so every arm prunes the same weights.
+Rows (issue 12): digits flops=0.4 and params=0.05; LeNet-5/MNIST weights=0.01405 (the ADMM
+paper's 71.2x) and weights=0.00281 (RADMM's 355.9x); Fashion-MNIST LeNet-5 flops=0.4. For every
+row and seed, each arm starts from the same dense weights (trained once per seed, cached in
+<out>/shared):
+(a) `search(sampler="tpe")`: autoprune's default search (enqueued hand baselines, ASHA, the
+    finalist stage), the study's trial count; its wall-clock time W is every other arm's budget;
+(b) `search(sampler="random")`: the same with random sampling (same trials and finalists; its
+    own time is reported);
+(c) uniform magnitude: the same pruning ratio in every layer (Torch-Pruning with
+    `global_pruning=False` under flops=, `torch.nn.utils.prune.l1_unstructured` per layer
+    otherwise), then fine-tuned for as many epochs as fit in W;
+(d) the peer: Torch-Pruning global group L2 under flops=, `torch.nn.utils.prune.
+    global_unstructured` L1 otherwise, fine-tuned for as many epochs as fit in W.
+It reports the test accuracy of each arm's pick (a search's most accurate in-budget front point
+by validation accuracy, finalists included) and the hypervolume of its in-budget points
+(reference: val accuracy 0, flops_frac 1, params_frac 1), mean ± sample sd and per seed.
 
-Time: LeNet-300-100 trains on the first 10,000 MNIST training images by default (a study file
-copy with `data.train_subset`; `--lenet300-subset 0` for all 54,000), so that the full run fits
-in about 30 minutes on 2 cores; the output says so. `--quick` runs digits only, one seed, eight
-trials per search (about 3 minutes). Raw results are saved to <out>/results.json after every
-run; `--render` prints (and with `--update-docs` files) their table again. CPU only: GPU rows
-are out of scope here.
+Time: the MNIST-family studies train on the first `--subset` training images (default 10,000;
+0: all 54,000) so that the full run fits in hours, not days, on 2 cores; val and test sets are
+the full ones, and the output says so. `--quick`: digits flops=0.4 only, one seed, 8 trials.
+Raw results are saved to <out>/results.json after every run; `--render` prints (and with
+`--update-docs` files) their table again. CPU only.
 """
 
 from __future__ import annotations
@@ -48,12 +51,17 @@ import report  # noqa: E402
 # 13.7 k parameters: at params=0.02 (274 weights) every method is at chance, so its hard budget
 # is params=0.05, where uniform magnitude pruning still learns something.
 BUDGETS = {"digits-lenet": ("flops=0.4", "params=0.05"),
+           "lenet5-mnist": ("weights=0.01405", "weights=0.00281"),
+           "fashion-lenet5": ("flops=0.4",),
            "lenet300-mnist": ("flops=0.4", "params=0.02")}
+SUBSET_STUDIES = ("lenet5-mnist", "fashion-lenet5", "lenet300-mnist")  # MNIST-sized data
+# The papers' LeNet-5 results (test accuracy at a weights= budget) the search is held to.
+PAPER_TARGETS = {("lenet5-mnist", "weights=0.01405"): (0.992, "ADMM, 71.2x"),
+                 ("lenet5-mnist", "weights=0.00281"): (0.990, "RADMM, 355.9x")}
 ARMS = ("tpe", "random", "uniform", "peer")
-ARM_LABEL = {"tpe": "autoprune (TPE)", "random": "random search",
-             "uniform": "uniform magnitude (hand baseline)",
-             "peer": "peer at equal wall-clock (Torch-Pruning global L2 under flops=, "
-                     "torch.nn.utils.prune global L1 otherwise)"}
+ARM_LABEL = {"tpe": "autoprune search (TPE)", "random": "random search",
+             "uniform": "uniform magnitude + fine-tune for W",
+             "peer": "peer + fine-tune for W"}
 
 
 def _log(msg: str) -> None:
@@ -61,11 +69,12 @@ def _log(msg: str) -> None:
 
 
 def study_file(name: str, root: Path, subset: int) -> Path:
-    """The study to run: the built-in file, or for lenet300 a copy limited to `subset` images."""
+    """The study to run: the built-in file, or for MNIST-sized data a copy limited to `subset`
+    training images."""
     from autoprune.paths import STUDIES_DIR
 
     path = STUDIES_DIR / f"{name}.yaml"
-    if name != "lenet300-mnist" or subset <= 0:
+    if name not in SUBSET_STUDIES or subset <= 0:
         return path
     d = yaml.safe_load(path.read_text())
     d["name"] = f"{name}-sub{subset // 1000}k"
@@ -79,7 +88,7 @@ def study_file(name: str, root: Path, subset: int) -> Path:
 
 def run_search(study_path: Path, study_name: str, budget: str, sampler: str, seed: int,
                trials: int, workers: int, out: Path, data_root: str | None,
-               dense_ckpt: str) -> dict:
+               dense_ckpt: str, finalists: int, final_epochs: int | None) -> dict:
     """One search; returns its hypervolume, best in-budget pick and timing."""
     import optuna
 
@@ -89,7 +98,8 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
 
     opts = SearchOptions(study=str(study_path), budget=budget, trials=trials, workers=workers,
                          cpus_per_trial=1.0, sampler=sampler, seed=seed, out=str(out),
-                         data_root=data_root, dense_checkpoint=dense_ckpt)
+                         data_root=data_root, dense_checkpoint=dense_ckpt,
+                         finalists=finalists, final_epochs=final_epochs)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's banners; stdout is the table
         summary = search(opts)
@@ -101,41 +111,24 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
     return {"hv": hypervolume(feasible), "test": best["test_accuracy"] if best else None,
             "val": best["val_accuracy"] if best else None,
             "method": best["method"] if best else None, "completed": summary["trials_completed"],
-            "feasible": len(feasible), "failed": summary["trials_failed"], "seconds": elapsed}
+            "pruned": summary["trials_pruned"], "feasible": len(feasible),
+            "failed": summary["trials_failed"], "seconds": elapsed,
+            "best_trial": best["trial"] if best else None,
+            "best_finalist": bool(best and best.get("finalist")),
+            "best_search_test": best.get("search_test_accuracy") if best else None,
+            "finalists": summary.get("finalists", [])}
 
 
-def run_uniform(study, wb, budget: str, seed: int, out: Path, data_root: str | None,
-                dense_ckpt: str) -> dict:
-    """Uniform one-shot magnitude pruning at the budget, through the public API."""
-    from autoprune import api
-    from autoprune.budget import Budget
-    from autoprune.pareto import hypervolume
-
-    b = Budget.parse(budget)
-    gran = "filter" if b.structured else "weight"  # only filters lower the compacted FLOPs
-    targets = api.targets_for_budget(wb, gran, b, allocation=dict.fromkeys(
-        wb.accountant.graph.filter_units() if gran == "filter" else wb.layers, 0.5))
-    spec = ",".join(f"{k}={v!r}" for k, v in targets.items())  # repr: exact round trip
-    t0 = time.perf_counter()
-    m = api.prune(study, "magnitude", budget, layer_sparsity=spec, out=out, data_root=data_root,
-                  seed=seed, checkpoint=dense_ckpt, params={"granularity": gran})
-    elapsed = time.perf_counter() - t0
-    ok = bool(m["within_budget"])
-    return {"hv": hypervolume([m]) if ok else 0.0, "test": m["test_accuracy"] if ok else None,
-            "val": m["val_accuracy"], "method": "magnitude", "completed": 1,
-            "feasible": int(ok), "failed": 0, "seconds": elapsed,
-            "sparsity": next(iter(targets.values()))}
-
-
-def run_peer(wb, budget: str, seed: int, seconds: float) -> dict:
-    """The peer a user picks instead, pruned once and fine-tuned for `seconds` (equal compute)."""
+def run_fixed(kind: str, wb, budget: str, seed: int, seconds: float) -> dict:
+    """A hand arm ('uniform' or 'peer'), pruned once and fine-tuned for `seconds`."""
     import peers
 
     from autoprune.budget import Budget
     from autoprune.pareto import hypervolume
 
     b = Budget.parse(budget)
-    arm = "tp-global-l2" if b.structured else "tnp-global-l1"
+    arm = {("uniform", True): "tp-uniform-l2", ("uniform", False): "tnp-uniform-l1",
+           ("peer", True): "tp-global-l2", ("peer", False): "tnp-global-l1"}[kind, b.structured]
     m = peers.run_arm(arm, wb, b.limits, seed, seconds)
     ok = b.satisfied({k: m[f"{k}_frac"] if f"{k}_frac" in m else m["flops_frac"]
                       for k in b.limits})
@@ -160,56 +153,63 @@ def per_seed(values: list[float | None], digits: int = 3) -> str:
 def render(res: dict) -> list[str]:
     """The markdown of a results record (what `main` saves as results.json)."""
     seeds, quick, workers = res["seeds"], res["quick"], res["workers"]
-    lines = [f"# Search quality{' (QUICK smoke run: 1 seed, few trials)' if quick else ''}",
+    quick_note = " (QUICK smoke run: 1 seed, 8 trials)" if quick else ""
+    lines = [f"# Search quality at equal wall-clock{quick_note}",
              "",
-             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); per search: the same trial "
-             f"count, {workers} workers x 1 CPU, sampler seeded with the seed. HV: "
-             f"hypervolume of the in-budget trials, reference point (val accuracy 0, "
-             f"flops_frac 1, params_frac 1), higher is better. Test acc: test accuracy of the "
-             f"in-budget trial with the best validation accuracy. Values: mean ± sample sd over "
-             f"seeds, then per seed. The uniform baseline is a single model, its HV is that of "
-             f"one point. CPU only (no GPU on this machine: GPU rows out of scope).", ""]
-    lines += ["| study | budget | arm | trials | HV | HV per seed | test acc | test acc per "
-              "seed | s / run |",
-              "|---|---|---|---:|---:|---|---:|---|---:|"]
+             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}). Searches: the study's trial "
+             f"count, {workers} workers x 1 CPU, sampler seeded with the seed, then the finalist "
+             f"stage; their wall-clock time W (finalists included) is what the uniform and peer "
+             f"arms get: one pruning, then as many fine-tune epochs as fit in W. Test acc: test "
+             f"accuracy of the arm's pick (a search's most accurate in-budget front point by "
+             f"validation accuracy). HV: hypervolume of the in-budget points, reference (val 0, "
+             f"flops_frac 1, params_frac 1). Values: mean ± sample sd over seeds, then per seed. "
+             f"CPU only.", ""]
+    lines += ["| study | budget | arm | test acc | test acc per seed | HV | HV per seed | "
+              "s / run | fine-tune epochs |",
+              "|---|---|---|---:|---|---:|---|---:|---|"]
     verdicts = []
     for case in res["cases"]:
         sname, budget, row = case["study"], case["budget"], case["arms"]
-        if any(not row[a] for a in ARMS):
+        k = min(len(row[a]) for a in ARMS)
+        if k == 0:
             continue  # an interrupted run: this case has no complete set of arms
         for arm in ARMS:
-            rs = row[arm]
+            rs = row[arm][:k]
             secs = statistics.mean(r["seconds"] for r in rs)
-            lines.append(f"| {sname} | {budget} | {ARM_LABEL[arm]} | {rs[0]['trials']} | "
+            label = ARM_LABEL[arm] + (f" ({rs[0]['method']})" if arm in ("uniform", "peer")
+                                      else "")
+            epochs = " / ".join(f"{r['epochs']:g}" for r in rs) if "epochs" in rs[0] else "-"
+            lines.append(f"| {sname} | {budget} | {label} | {mean_sd([r['test'] for r in rs])} "
+                         f"| {per_seed([r['test'] for r in rs])} | "
                          f"{mean_sd([r['hv'] for r in rs])} | {per_seed([r['hv'] for r in rs])} "
-                         f"| {mean_sd([r['test'] for r in rs])} | "
-                         f"{per_seed([r['test'] for r in rs])} | {secs:.0f} |")
-        k = min(len(row[a]) for a in ARMS)
-        hv = {a: statistics.mean(r["hv"] for r in row[a][:k]) for a in ARMS}
+                         f"| {secs:.0f} | {epochs} |")
         acc = {a: statistics.mean(r["test"] if r["test"] is not None else 0.0
                                   for r in row[a][:k]) for a in ARMS}
-        wins_hv = sum(t["hv"] > r["hv"] for t, r in zip(row["tpe"][:k], row["random"][:k],
-                                                         strict=True))
-        wins_acc = sum((t["test"] or 0) > (u["test"] or 0)
-                       for t, u in zip(row["tpe"][:k], row["uniform"][:k], strict=True))
-        wins_peer = sum((t["test"] or 0) > (u["test"] or 0)
-                        for t, u in zip(row["tpe"][:k], row["peer"][:k], strict=True))
-        verdicts.append(
-            f"- {sname} {budget}: test acc TPE {acc['tpe']:.4f} vs peer at equal wall-clock "
-            f"{acc['peer']:.4f} ({'met' if acc['tpe'] > acc['peer'] else 'NOT met'}; "
-            f"{wins_peer}/{k} seeds)")
-        verdicts.append(
-            f"- {sname} {budget}: HV TPE {hv['tpe']:.4f} vs random {hv['random']:.4f} "
-            f"({'met' if hv['tpe'] > hv['random'] else 'NOT met'}; TPE higher on {wins_hv}/{k} "
-            f"seeds); test acc TPE {acc['tpe']:.4f} vs uniform {acc['uniform']:.4f} "
-            f"({'met' if acc['tpe'] > acc['uniform'] else 'NOT met'}; {wins_acc}/{k} seeds)")
-    lines += ["", "Targets (TPE best in-budget test accuracy > the peer's at equal wall-clock and "
-              "> the uniform baseline's; TPE hypervolume > random's), on the means:", *verdicts]
-    notes = [*res["notes"],
-             "TPE's first 5 trials are its random start-up (`n_startup_trials=5` in "
-             "orchestrator.make_sampler), the same trials random search draws with the same "
-             "seed: the arms differ only from trial 6 on."]
-    lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+        parts = []
+        for other in ("random", "uniform", "peer"):
+            wins = sum((t["test"] or 0) > (o["test"] or 0)
+                       for t, o in zip(row["tpe"][:k], row[other][:k], strict=True))
+            beaten = "beaten" if acc["tpe"] > acc[other] else "NOT beaten"
+            parts.append(f"{other} {acc[other]:.4f} ({beaten}, {wins}/{k} seeds)")
+        hv_t = statistics.mean(r["hv"] for r in row["tpe"][:k])
+        hv_r = statistics.mean(r["hv"] for r in row["random"][:k])
+        verdicts.append(f"- {sname} {budget}: search {acc['tpe']:.4f} vs " + "; ".join(parts)
+                        + f"; HV search {hv_t:.4f} vs random {hv_r:.4f}")
+        picks = [f"trial {r['best_trial']} {r['method']}"
+                 + (f" (finalist; {r['best_search_test']:.4f} at search time)"
+                    if r.get("best_finalist") and r.get("best_search_test") is not None else "")
+                 for r in row["tpe"][:k]]
+        verdicts.append(f"  search picks per seed: {'; '.join(picks)}")
+        target = PAPER_TARGETS.get((case.get("base", ""), budget))
+        if target:
+            mins = statistics.mean(r["seconds"] for r in row["tpe"][:k]) / 60
+            ok = acc["tpe"] >= target[0] and mins <= 60
+            verdicts.append(f"  paper target {target[0]:.1%} ({target[1]}) in <= 60 min: "
+                            f"{'met' if ok else 'NOT met'} (search {acc['tpe']:.2%} in "
+                            f"{mins:.0f} min)")
+    lines += ["", "Targets: the search beats every other arm on every row (on the means); "
+              "LeNet-5 rows: the papers' accuracy in <= 1 CPU-hour.", *verdicts]
+    lines += ["", "Notes:", *[f"- {n}" for n in res["notes"]]]
     lines += ["", f"Total time {res['seconds'] / 60:.1f} min. Load average (1/5/15 min) at start "
               f"{res['load_start']}, at end {res['load_end']} (2-core machine shared with other "
               f"jobs).", f"machine: {res['machine']}"]
@@ -221,25 +221,33 @@ def publish(res: dict, update_docs: bool) -> None:
     print("\n".join(lines))
     if update_docs:
         body = "\n".join(line for line in lines[1:] if not line.startswith("machine:"))
-        report.update_section("search_quality", "Search quality: TPE vs random vs uniform "
-                              "magnitude", body, command=res["command"], when=res["date"],
+        report.update_section("search_quality", "Search quality at equal wall-clock: search "
+                              "vs random vs uniform vs peer", body,
+                              command=res["command"], when=res["date"],
                               machine_line=res["machine"],
-                              load_line=f"{res['load_start']} at start, {res['load_end']} at end")
+                              load_line=f"{res['load_start']} at start, "
+                                        f"{res['load_end']} at end")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=os.environ.get("AUTOPRUNE_DATA"))
-    ap.add_argument("--studies", default="digits-lenet,lenet300-mnist")
+    ap.add_argument("--studies", default="digits-lenet,lenet5-mnist,fashion-lenet5")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, help="trials per search (default: each study's own "
-                                                 "count, 16 digits, 24 lenet300)")
+                                                 "count)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--lenet300-subset", type=int, default=10_000,
-                    help="training images for lenet300-mnist (0: all)")
+    ap.add_argument("--subset", type=int, default=10_000,
+                    help="training images of the MNIST-sized studies (0: all)")
+    ap.add_argument("--finalists", type=int, default=3, help="finalists per search")
+    ap.add_argument("--final-epochs", type=int, default=None,
+                    help="finalists' fine-tune epochs (default: the search's, 3x the study's)")
     ap.add_argument("--out", default=None, help="default: autoprune-runs/bench-search-quality-"
                                                 "<time>")
-    ap.add_argument("--quick", action="store_true", help="digits only, 1 seed, 8 trials")
+    ap.add_argument("--quick", action="store_true",
+                    help="digits flops=0.4 only, 1 seed, 8 trials")
+    ap.add_argument("--budgets", default=None,
+                    help="only these budgets of the studies (comma-separated, e.g. flops=0.4)")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="only print (and with --update-docs file) the table of a saved run")
     ap.add_argument("--update-docs", action="store_true",
@@ -283,7 +291,7 @@ def main() -> int:
         saved.write_text(json.dumps(res, indent=1))
 
     for name in studies:
-        path = study_file(name, root, args.lenet300_subset)
+        path = study_file(name, root, args.subset)
         st = load_study(str(path))
         if st.train_subset:
             res["notes"].append(
@@ -291,8 +299,12 @@ def main() -> int:
                 f"and fine-tuning) on the first {st.train_subset:,} training images only, to "
                 f"fit the time; val and test sets are the full ones.")
         n = args.trials or st.trials
-        cases = {b: {"study": st.name, "budget": b, "arms": {a: [] for a in ARMS}}
-                 for b in BUDGETS[name]}
+        wanted = BUDGETS[name] if not args.budgets else [
+            b for b in BUDGETS[name] if b in args.budgets.split(",")]
+        if args.quick:
+            wanted = wanted[:1]
+        cases = {b: {"study": st.name, "base": name, "budget": b,
+                     "arms": {a: [] for a in ARMS}} for b in wanted}
         res["cases"] += list(cases.values())
         for seed in seeds:
             wb = Workbench.open(st, root / "shared", data_root=args.data_root, seed=seed,
@@ -305,25 +317,21 @@ def main() -> int:
                 for sampler in ("tpe", "random"):
                     out = root / f"{st.name}-{slug}-{sampler}-s{seed}"
                     r = run_search(path, st.name, budget, sampler, seed, n, args.workers, out,
-                                   args.data_root, ckpt)
+                                   args.data_root, ckpt, args.finalists, args.final_epochs)
                     r["trials"] = n
                     row[sampler].append(r)
                     save()
                     _log(f"  {budget} {sampler} seed {seed}: HV {r['hv']:.4f}, best test "
                          f"{r['test']} ({r['method']}), {r['seconds']:.0f} s "
                          f"[{time.perf_counter() - t_start:.0f} s total]")
-                r = run_uniform(st, wb, budget, seed, root / "shared", args.data_root, ckpt)
-                r["trials"] = 1
-                row["uniform"].append(r)
-                save()
-                _log(f"  {budget} uniform (sparsity {r['sparsity']:.4f}) seed {seed}: test "
-                     f"{r['test']}, {r['seconds']:.0f} s")
-                r = run_peer(wb, budget, seed, row["tpe"][-1]["seconds"])
-                r["trials"] = 1
-                row["peer"].append(r)
-                save()
-                _log(f"  {budget} peer {r['method']} seed {seed}: test {r['test']} after "
-                     f"{r['epochs']:g} fine-tune epochs, {r['seconds']:.0f} s")
+                wall = row["tpe"][-1]["seconds"]  # every hand arm gets the search's time
+                for kind in ("uniform", "peer"):
+                    r = run_fixed(kind, wb, budget, seed, wall)
+                    r["trials"] = 1
+                    row[kind].append(r)
+                    save()
+                    _log(f"  {budget} {kind} {r['method']} seed {seed}: test {r['test']} after "
+                         f"{r['epochs']:g} fine-tune epochs, {r['seconds']:.0f} s")
     with contextlib.suppress(Exception):
         import ray
 

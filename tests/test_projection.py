@@ -290,3 +290,22 @@ def test_targets_below_the_reachable_are_stretched_onto_it(lenet5):
     assert len({tuple(sorted(p.items())) for p in plans}) == 3  # no two targets collapse
     # a loose budget keeps the sampled target as it is
     assert reachable_target(0.7, 0.6, table, {"params": 0.5}, "weight") == 0.7
+
+
+def test_default_space_reaches_the_radmm_papers_355x_on_lenet5(lenet5):
+    """weights=0.00281 (RADMM's 355.9x on LeNet-5) needs layers pruned past 99 %: the built-in
+    space allows 0.999, and its projection meets that budget with each layer's share kept."""
+    from autoprune.orchestration.projection import size_prior, with_prior
+    from autoprune.orchestration.space import SearchSpace
+    from autoprune.paths import SPACES_DIR
+
+    space = SearchSpace.load(SPACES_DIR / "default.yaml")
+    table, limits = lenet5.table, {"weights": 0.00281}
+    assert min_reachable(table, "weight", 0.99)["weights"] > 0.00281  # the old cap could not
+    assert min_reachable(table, "weight", space.max_sparsity)["weights"] < 0.00281
+    alloc = with_prior(dict.fromkeys(table.layers, 0.5), size_prior(table))
+    targets = project(table, alloc, limits, 1.0, "weight", space.max_sparsity)
+    assert 0.00281 * 0.98 < fractions(table, targets, "weight")["weights"] <= 0.00281
+    assert max(targets.values()) > 0.99
+    assert all(n_pruned(table.layers[n].weights, s) < table.layers[n].weights
+               for n, s in targets.items())

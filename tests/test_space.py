@@ -139,7 +139,7 @@ def test_load_reports_file_problems(tmp_path):
 def test_defaults_and_parsed_values():
     s = SearchSpace.from_dict({"methods": {"magnitude": None}})
     assert s.methods == {"magnitude": {}}
-    assert (s.target_floor, s.max_sparsity, s.exclude, s.groups) == (0.6, 0.99, (), {})
+    assert (s.target_floor, s.max_sparsity, s.exclude, s.groups) == (0.6, 0.999, (), {})
     assert (s.allocation.low, s.allocation.high) == (0.05, 0.95)
     s = SearchSpace.from_dict(BASE)
     mag = s.methods["magnitude"]
@@ -296,7 +296,7 @@ def test_deep_space_groups_resnet_stages():
 def test_builtin_spaces_load_strictly(name):
     s = SearchSpace.load(SPACES_DIR / f"{name}.yaml")
     assert set(s.methods) == set(load_all())
-    assert s.target_floor == 0.6 and s.max_sparsity == 0.99
+    assert s.target_floor == 0.6 and s.max_sparsity == 0.999
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(12):
         trial = study.ask()

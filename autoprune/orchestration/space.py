@@ -73,7 +73,7 @@ class SearchSpace:
     target_floor: float = 0.6
     allocation: Dist = Dist("float", 0.05, 0.95)
     prior: str = "size"  # the allocation moves around projection.size_prior, or "none"
-    max_sparsity: float = 0.99
+    max_sparsity: float = 0.999
     exclude: tuple[str, ...] = ()
     groups: dict[str, str] = field(default_factory=dict)  # group name -> regex on layer names
     source: str = "<search space>"
@@ -108,7 +108,7 @@ class SearchSpace:
         floor = number(sp.get("target_floor", 0.6), "sparsity.target_floor", fail)
         if not 0.0 < floor <= 1.0:
             raise fail("sparsity.target_floor", f"must be in (0, 1], got {floor}")
-        max_s = number(sp.get("max_sparsity", 0.99), "sparsity.max_sparsity", fail)
+        max_s = number(sp.get("max_sparsity", 0.999), "sparsity.max_sparsity", fail)
         if not 0.0 < max_s < 1.0:
             raise fail("sparsity.max_sparsity", f"must be in (0, 1), got {max_s}")
         alloc = parse_dist(sp.get("allocation", {"low": 0.05, "high": 0.95}),

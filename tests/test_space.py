@@ -297,13 +297,19 @@ def test_builtin_spaces_load_strictly(name):
     s = SearchSpace.load(SPACES_DIR / f"{name}.yaml")
     assert set(s.methods) == set(load_all())
     assert s.target_floor == 0.6 and s.max_sparsity == 0.999
+    assert s.split == ("sampled", "global")  # both splits compete (global_split.py)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    splits = set()
     for _ in range(12):
         trial = study.ask()
         const = s.suggest(trial, RESNET20)
         plan = s.decode({**trial.params, **const}, RESNET20)
-        assert set(plan.allocation) == set(RESNET20)
+        splits.add(plan.split)
+        # the allocation is sampled (and decoded) only where it is used
+        assert set(plan.allocation) == (set(RESNET20) if plan.split == "sampled" else set())
+        assert any(k.startswith("alloc.") for k in trial.params) == (plan.split == "sampled")
         study.tell(trial, 0.0)
+    assert splits == {"sampled", "global"}
 
 
 @pytest.mark.parametrize("method", sorted(load_all()))
@@ -446,3 +452,30 @@ def test_allocation_prior_key():
     assert SearchSpace.from_dict({**base, "sparsity": {"prior": "none"}}).prior == "none"
     with pytest.raises(UserError, match="sparsity.prior"):
         SearchSpace.from_dict({**base, "sparsity": {"prior": "flops"}})
+
+
+def test_split_key():
+    """`sparsity.split` chooses how a budget is split; a space without it is sampled only, and
+    its configs (which carry no `split`) still decode."""
+    base = {"methods": {"magnitude": {"gradual": False}}}
+    plain = SearchSpace.from_dict(base)
+    assert plain.split == ("sampled",)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    const = plain.suggest(trial, LENET)
+    assert "split" not in trial.params and "split" not in const
+    assert plain.decode({**trial.params, **const}, LENET).split == "sampled"
+    only = SearchSpace.from_dict({**base, "sparsity": {"split": "global"}})
+    trial = study.ask()
+    const = only.suggest(trial, LENET)
+    assert const["split"] == "global" and not any(k.startswith("alloc.") for k in trial.params)
+    plan = only.decode({**trial.params, **const}, LENET)
+    assert plan.split == "global" and plan.allocation == {}
+    both = SearchSpace.from_dict({**base, "sparsity": {"split": ["sampled", "global"]}})
+    cfg = {"method": "magnitude", "split": "global", "target": 0.9}
+    assert both.decode(cfg, LENET).split == "global"
+    with pytest.raises(UserError, match="split 'global' is not in"):
+        plain.decode(cfg, LENET)
+    for bad in (["sampled", "local"], [], ["global", "global"], 3):
+        with pytest.raises(UserError, match="sparsity.split"):
+            SearchSpace.from_dict({**base, "sparsity": {"split": bad}})

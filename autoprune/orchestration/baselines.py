@@ -2,11 +2,15 @@
 
 Each method may declare `baselines` (hyperparameter settings that are the classic hand-tuned
 uses of it: one-shot and AGP magnitude pruning, say). A new search enqueues every declared
-setting of the methods in its space twice: with the size-prior split of the budget (larger
+setting of the methods in its space, each at the full budget: first with the global split
+(`global_split.py`, when the space offers it: one importance ranking over all layers, which for
+one-shot magnitude filter pruning under flops= is Torch-Pruning's global group-magnitude
+pruning, the strongest hand baseline), then with the size-prior split of the budget (larger
 layers pruned harder, the default of `autoprune prune`) and with the uniform split (the same
-sparsity in every layer), each at the full budget. The sampler then starts from points a user
-would have tried, and the search can never return a model worse than they are (up to the noise
-of one run). Nothing here names a method: the settings come from the registry.
+sparsity in every layer). All global ones come before the sampled ones, so a search too short
+for every baseline (`limit`) still gets the strongest of each method. The sampler then starts
+from points a user would have tried, and the search can never return a model worse than they
+are (up to the noise of one run). Nothing here names a method: the settings come from the registry.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
             out[f"alloc.{key}"] = a
         return out
 
+    split = {"split": "sampled"} if len(space.split) > 1 else {}  # sampled, when a choice
+    glob: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     for method, dists in space.methods.items():
         cls = get_method(method)
@@ -72,11 +78,17 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
                     params[f"{method}.{hp}"] = value
             if space.target_floor < 1.0:
                 params["target"] = 1.0
+            if "global" in space.split:
+                g = {**params, "split": "global"} if len(space.split) > 1 else params
+                if g not in glob:
+                    glob.append(g)
+            if "sampled" not in space.split:
+                continue
             for kind in ("size", "uniform"):
                 a = alloc(kind)
-                if a is not None and {**params, **a} not in out:
-                    out.append({**params, **a})
-    return out
+                if a is not None and {**params, **split, **a} not in out:
+                    out.append({**params, **split, **a})
+    return glob + out
 
 
 def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limit: int) -> int:

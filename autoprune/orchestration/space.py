@@ -6,7 +6,7 @@ parametrised:
 
     methods:      declared | {method: declared | {[declared: true,] hyperparameter: spec}}
     finetune:     {recipe key: distribution | fixed value}
-    sparsity:     {target_floor, allocation, prior, max_sparsity, exclude, groups}
+    sparsity:     {target_floor, split, allocation, prior, max_sparsity, exclude, groups}
 
 Each method declares its own search ranges next to its hyperparameters (`hp(search=...)` in
 its file), so this module never names a method. `methods: declared` is every registered
@@ -24,6 +24,12 @@ Ray worker.
 The space is *conditional*: `suggest` samples the method first and only that method's
 hyperparameters (named `<method>.<hp>`), so samplers never see parameters that did not matter.
 `decode` turns the flat config Ray hands a trial back into a typed `TrialPlan`.
+
+`sparsity.split` says how a trial's budget is split over the layers: `sampled` (the searched
+per-layer `allocation`, `projection.project`) and/or `global` (one importance ranking of every
+layer's units from the dense weights, `global_split.global_targets`: Torch-Pruning's global
+pruning, `global_unstructured` for weights). With both, `split` is sampled first and the
+`alloc.*` parameters only for `sampled` trials; a space without the key is `sampled` only.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ from .space_schema import (  # noqa: F401 - Dist and DIST_KEYS are part of this 
 )
 
 TOP_KEYS = ("methods", "finetune", "sparsity", "description")
-SPARSITY_KEYS = ("target_floor", "allocation", "prior", "max_sparsity", "exclude", "groups")
+SPARSITY_KEYS = ("target_floor", "split", "allocation", "prior", "max_sparsity", "exclude",
+                 "groups")
 PRIORS = ("size", "none")  # what the sampled allocation is an offset from (projection.py)
+SPLITS = ("sampled", "global")  # how a budget is split over layers (module docstring)
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # no '/': Ray un-flattens config keys on it
 
 
@@ -62,8 +70,9 @@ class TrialPlan:
     params: dict[str, Any]  # typed hyperparameters of `method` (searched and fixed ones)
     finetune: dict[str, Any]  # overrides of the study's fine-tune recipe
     target: float  # fraction of the budget aimed at, in (0, 1]
-    allocation: dict[str, float]  # per prunable layer, groups expanded
+    allocation: dict[str, float]  # per prunable layer, groups expanded ({} for split global)
     prunable: list[str]  # layers left after the space's exclusions, in model order
+    split: str = "sampled"  # "sampled" (allocation + projection) or "global" (one ranking)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class SearchSpace:
     methods: dict[str, dict[str, Dist]]
     finetune: dict[str, Dist] = field(default_factory=dict)
     target_floor: float = 0.6
+    split: tuple[str, ...] = ("sampled",)  # the choices of SPLITS this space offers
     allocation: Dist = Dist("float", 0.05, 0.95)
     prior: str = "size"  # the allocation moves around projection.size_prior, or "none"
     max_sparsity: float = 0.999
@@ -111,6 +121,12 @@ class SearchSpace:
         max_s = number(sp.get("max_sparsity", 0.999), "sparsity.max_sparsity", fail)
         if not 0.0 < max_s < 1.0:
             raise fail("sparsity.max_sparsity", f"must be in (0, 1), got {max_s}")
+        split = sp.get("split", ["sampled"])
+        split = [split] if isinstance(split, str) else split
+        if not isinstance(split, list) or not split or any(v not in SPLITS for v in split) \
+                or len(set(split)) != len(split):
+            raise fail("sparsity.split", f"must be a non-empty list of distinct values among "
+                                         f"{', '.join(SPLITS)}, got {sp.get('split')!r}")
         alloc = parse_dist(sp.get("allocation", {"low": 0.05, "high": 0.95}),
                             "sparsity.allocation", fail)
         if alloc.kind not in ("float", "fixed"):
@@ -131,7 +147,7 @@ class SearchSpace:
                 raise fail(f"sparsity.groups.{name}", "group names use letters, digits, _ . -")
             groups[name] = parse_patterns([pattern], f"sparsity.groups.{name}", fail)[0]
         return cls(methods=methods, finetune=finetune, target_floor=float(floor),
-                   allocation=alloc, prior=prior, max_sparsity=float(max_s),
+                   split=tuple(split), allocation=alloc, prior=prior, max_sparsity=float(max_s),
                    exclude=tuple(exclude),
                    groups=groups, source=source)
 
@@ -204,7 +220,13 @@ class SearchSpace:
             trial.suggest_float("target", self.target_floor, 1.0)
         else:
             const["target"] = 1.0
-        if not self.allocation.fixed:
+        if len(self.split) > 1:
+            split = trial.suggest_categorical("split", list(self.split))
+        else:
+            split = self.split[0]
+            if split != "sampled":  # sampled-only configs stay as they were before `split`
+                const["split"] = split
+        if split == "sampled" and not self.allocation.fixed:
             for key in keys:
                 self.allocation.suggest(trial, f"alloc.{key}")
         return const
@@ -240,12 +262,18 @@ class SearchSpace:
         params = {hp: getattr(typed, hp) for hp in raw}
         finetune = {k: get(f"finetune.{k}", d) for k, d in self.finetune.items()}
         target = float(get("target", Dist("float"))) if self.target_floor < 1.0 else 1.0
+        # a config of a space without `split` (or of an older run) is a sampled split
+        split = config.get("split", self.split[0] if len(self.split) == 1 else "sampled")
+        if split not in self.split:
+            raise UserError(f"trial config split {split!r} is not in {self.source} "
+                            f"(sparsity.split: {', '.join(self.split)})")
         allocation: dict[str, float] = {}
-        for key, members in keys.items():
-            value = float(get(f"alloc.{key}", self.allocation))
-            allocation.update(dict.fromkeys(members, value))
+        if split == "sampled":
+            for key, members in keys.items():
+                value = float(get(f"alloc.{key}", self.allocation))
+                allocation.update(dict.fromkeys(members, value))
         return TrialPlan(method=method, params=params, finetune=finetune, target=target,
-                         allocation=allocation, prunable=self.prunable(layers))
+                         allocation=allocation, prunable=self.prunable(layers), split=split)
 
 
 # -- validation helpers ----------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..pruning.runner import PrunedState
 from ..study import Study
 from .distributed import RanksLost
 from .faults import Faults
+from .global_split import global_plan
 from .projection import (
     CostTable,
     fractions,
@@ -189,12 +190,15 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     budget = Budget.parse(ctx.budget)
     gran = granularity_of(wb, plan.method, plan.params)
     table = CostTable.from_accountant(wb.accountant)
-    allocation = plan.allocation
-    if space.prior == "size":
-        allocation = with_prior(allocation, size_prior(table, list(allocation), gran))
     target = reachable_target(plan.target, space.target_floor, table, budget.limits, gran,
                               space.max_sparsity)
-    targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
+    if plan.split == "global":  # one ranking of every unit of the dense model (global_split.py)
+        targets = global_plan(wb, plan, gran, budget.limits, target, space.max_sparsity)
+    else:
+        allocation = plan.allocation
+        if space.prior == "size":
+            allocation = with_prior(allocation, size_prior(table, list(allocation), gran))
+        targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
     ctx.faults.on_start(number)
     fingerprint = {"trial": number, "method": plan.method, "model": wb.study.model,

@@ -21,7 +21,7 @@ RESNET20 = ["conv1", *[f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in range
                        for c in (1, 2)], "layer2.0.shortcut.0", "layer3.0.shortcut.0", "fc"]
 ALL_SIX = ("magnitude", "admm", "radmm", "l0", "adaptive_l1", "asfp")
 DOC_HPS = {  # hyperparameter names of METHODS.md that the built-in spaces must search
-    "magnitude": {"gradual", "epochs", "granularity"},
+    "magnitude": {"gradual", "epochs", "granularity", "norm"},
     "admm": {"rho", "rho_mult", "admm_iters", "epochs_per_iter", "granularity"},
     "radmm": {"rho", "eps", "admm_iters", "epochs_per_iter", "granularity"},
     "l0": {"lam", "init_drop", "epochs", "granularity", "gate_lr"},

@@ -54,7 +54,10 @@ def agp_sparsity(final: float, progress: float) -> float:
 @register
 class Magnitude(Pruner):
     name = "magnitude"
-    baselines = ({"gradual": False}, {"gradual": True})  # one-shot and AGP, by hand
+    # by hand: one-shot and AGP (Li et al.'s L1 for filters), and Torch-Pruning's default
+    # one-shot group L2 filter pruning (with the global split: its global pruning)
+    baselines = ({"gradual": False}, {"gradual": True},
+                 {"gradual": False, "granularity": "filter", "norm": 2})
     differences = (
         "one-shot (Han et al. 2015) prunes and retrains in several rounds, with a threshold of "
         "quality x std of the layer's weights; here one exact top-|w| cut per layer, then a "
@@ -75,7 +78,8 @@ class Magnitude(Pruner):
         granularity: str = hp("weight", choices=("weight", "filter"),
                               doc="single weights (|w|) or whole filters (Li et al. 2017)",
                               search_choices=("weight", "filter"))
-        norm: int = hp(1, choices=(1, 2), doc="filter importance: L1 (Li et al.) or L2 norm")
+        norm: int = hp(1, choices=(1, 2), doc="filter importance: L1 (Li et al.) or L2 norm",
+                       search_choices=(1, 2))
 
     @property
     def prune_epochs(self) -> float:

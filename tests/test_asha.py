@@ -211,3 +211,27 @@ def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["trials_stopped_early"] == len(pruned)
     assert json.loads(json.dumps(summary["pareto"]))  # the front is there
+
+
+def test_reconcile_records_a_stopped_trial_as_stopped_not_interrupted(tmp_path):
+    """A trial told PRUNED to Optuna but not yet in MLflow (the driver died in between) gets a
+    KILLED run with the stopped-early note, not the "interrupted" error; it counts as done."""
+    from autoprune.orchestration.resume import finished_count, open_storage, reconcile
+    from autoprune.tracking import Tracker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="s",
+                                directions=["maximize", "minimize", "minimize"])
+    t = study.ask()
+    t.suggest_categorical("method", ["magnitude"])
+    t.set_user_attr(STOPPED_ATTR, 2)
+    study.tell(t, None, state=optuna.trial.TrialState.PRUNED)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "s", tmp_path / "art")
+    parent = tracker.start_search({"study": "s"}, "flops=0.4", {"val_accuracy": 0.9})
+    assert reconcile(study, storage, tracker, parent) == 1
+    run = tracker.client.get_run(tracker._child_map(parent)[0])
+    assert run.info.status == "KILLED" and "autoprune.error" not in run.data.tags
+    assert run.data.tags["autoprune.stopped_early"].startswith(
+        "stopped early by ASHA at fine-tune epoch 2")
+    assert run.info.run_name.endswith("stopped early")
+    assert finished_count(study) == 1

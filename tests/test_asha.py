@@ -106,6 +106,7 @@ def test_max_t_covers_the_longest_searched_fine_tune():
     assert make_scheduler("asha", 1) is None and make_scheduler("asha", 0) is None
     assert make_scheduler("none", 8) is None
     assert make_scheduler("asha", 8)._max_t == 8
+    assert make_scheduler("asha", 8, trial_workers=2) is None  # data-parallel: off
 
 
 def test_asha_is_the_default_and_none_is_repeated_on_resume():

@@ -197,7 +197,7 @@ def search(opts: SearchOptions) -> dict:
                                      storage=storage, study_name=study.name)
             # ASHA compares pruned models at equal fine-tune epochs, never prune phases
             scheduler = make_scheduler(opts.scheduler, max_finetune_epochs(
-                study.finetune.epochs, space.finetune.get("epochs")))
+                study.finetune.epochs, space.finetune.get("epochs")), opts.trial_workers)
             resources = trial_resources(opts)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)

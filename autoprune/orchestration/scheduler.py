@@ -61,15 +61,21 @@ def max_finetune_epochs(study_epochs: float, dist: Any | None) -> int:
     return math.ceil(float(longest))
 
 
-def make_scheduler(kind: str, max_t: int) -> Any | None:
+def make_scheduler(kind: str, max_t: int, trial_workers: int = 1) -> Any | None:
     """The Tune scheduler of `--scheduler kind` (None: every trial runs to its end).
 
     `max_t`: `max_finetune_epochs`. With fewer than 2 fine-tune epochs there is no rung to
-    compare at (a trial's last epoch is never compared), so no scheduler is made.
+    compare at (a trial's last epoch is never compared), so no scheduler is made. Nor for
+    data-parallel trials (`trial_workers` > 1): a stopped one's Ray Train workers were not
+    released and the next trial waited for their CPUs forever (seen on Ray 2.60, 2 CPUs).
     """
     if kind not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{kind}'; choose {' or '.join(SCHEDULERS)}")
     if kind == "none":
+        return None
+    if trial_workers > 1:
+        log.info("ASHA is off for data-parallel trials (--trial-workers > 1): every trial runs "
+                 "to its end")
         return None
     if max_t < 2:
         log.info("ASHA has nothing to compare: fine-tuning is one epoch, every trial runs to "

@@ -20,6 +20,7 @@ HYPERVOLUME = "hypervolume"
 PARETO_SIZE = "pareto_size"
 TRIALS_COMPLETED = "trials_completed"
 TRIALS_FAILED = "trials_failed"
+TRIALS_STOPPED = "trials_stopped_early"  # stopped by ASHA (KILLED runs with TAG_STOPPED)
 
 # Tags.
 TAG_PARETO = "autoprune.pareto"  # "true"/"false" on each trial run
@@ -29,6 +30,8 @@ TAG_STUDY = "autoprune.study"
 TAG_ROLE = "autoprune.role"  # ROLE_SEARCH on the parent, ROLE_TRIAL on children
 TAG_FEASIBLE = "autoprune.feasible"  # "true"/"false": the trial meets the budget
 TAG_ERROR = "autoprune.error"  # truncated error text of a failed trial
+TAG_STOPPED = "autoprune.stopped_early"  # why ASHA stopped a trial (its run ends KILLED)
+TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 TAG_BUDGET = "autoprune.budget"
 TAG_VERSION_PREFIX = "autoprune.version."  # + package name: torch, ray, optuna, mlflow, ...
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key for nesting runs in the UI

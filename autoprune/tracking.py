@@ -81,14 +81,17 @@ from .names import (
     TAG_ERROR,
     TAG_FEASIBLE,
     TAG_METHOD,
+    TAG_NOTE,
     TAG_PARENT,
     TAG_PARETO,
     TAG_ROLE,
+    TAG_STOPPED,
     TAG_STUDY,
     TAG_TRIAL,
     TEST_ACC,
     TRIALS_COMPLETED,
     TRIALS_FAILED,
+    TRIALS_STOPPED,
     VAL_ACC,
 )
 from .store import default_tracking_uri  # noqa: F401 - re-exported: where a search logs
@@ -229,7 +232,7 @@ class Tracker:
     def log_trial(self, parent_id: str, trial_number: int, method: str, params: Mapping[str, Any],
                   metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
                   layer_sparsity: Mapping[str, float] | None = None, status: str = "FINISHED",
-                  error: str | None = None) -> str:
+                  error: str | None = None, stopped: str | None = None) -> str:
         """Record one trial as a child run of `parent_id`; return the child's run id.
 
         Idempotent per (parent, trial_number): a second call updates the same run. Params that
@@ -237,6 +240,8 @@ class Tracker:
         tag `autoprune.param_changed.<key>`), and curve points already stored are skipped.
         `history` records (epoch/step, loss, val_accuracy, phase, lr, ...) become metric curves
         named `<phase>/<key>`, stepped by `step` or else by their position in the list.
+        `stopped`: why a scheduler stopped the trial early (a KILLED run that did not crash):
+        its `TAG_STOPPED` tag, the run's description and its name say so.
         """
         if status not in TRIAL_STATUSES:
             raise ValueError(f"trial status must be one of {TRIAL_STATUSES}, not {status!r}")
@@ -249,12 +254,14 @@ class Tracker:
             if len(tail) > ERROR_TAG_CHARS:
                 tail = "..." + tail[-ERROR_TAG_CHARS + 3:]
             tags[TAG_ERROR] = tail
+        if stopped:
+            tags[TAG_STOPPED] = tags[TAG_NOTE] = stopped[:_TAG_CHARS]
+        name = run_name(trial_number, method, metrics) + (" stopped early" if stopped else "")
         all_params = {_key(k): v for k, v in {"method": method, **flatten(params)}.items()}
         ts = _now_ms()
         curves = self.curves(history, ts)
         if existing is None:
-            run = self.client.create_run(self._exp(), start_time=ts, tags=tags,
-                                         run_name=run_name(trial_number, method, metrics))
+            run = self.client.create_run(self._exp(), start_time=ts, tags=tags, run_name=name)
             rid = run.info.run_id
             children[trial_number] = rid
             new_params = {k: _param_str(v) for k, v in all_params.items()}
@@ -273,8 +280,7 @@ class Tracker:
             run_tags = tags
             if not error and TAG_ERROR in old.tags:  # an earlier failed attempt now succeeded
                 self.client.delete_tag(rid, TAG_ERROR)
-            self.client.update_run(rid, status="RUNNING",
-                                   name=run_name(trial_number, method, metrics))
+            self.client.update_run(rid, status="RUNNING", name=name)
         dense = self._dense_of(parent_id)
         short = short_metrics(metrics, dense.get(DENSE_PREFIX + VAL_ACC),
                               dense.get(DENSE_PREFIX + TEST_ACC))
@@ -343,7 +349,8 @@ class Tracker:
         statuses = [r.info.status for r in runs]
         counts = {HYPERVOLUME: hv, PARETO_SIZE: len(front_pts),
                   TRIALS_COMPLETED: statuses.count("FINISHED"),
-                  TRIALS_FAILED: statuses.count("FAILED")}
+                  TRIALS_FAILED: statuses.count("FAILED"),
+                  TRIALS_STOPPED: sum(1 for r in runs if r.data.tags.get(TAG_STOPPED))}
         self._log(parent_id, [Metric(k, float(v), _now_ms(), 0) for k, v in counts.items()])
         columns = columns_of(points)
         rows = [row(p, columns) for p in front_pts]

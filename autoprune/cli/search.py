@@ -143,8 +143,10 @@ def add_commands(sub, common) -> None:
     p.add_argument("--final-epochs", type=_positive_int, default=None,
                    help="fine-tune epochs of the finalists (default: 3x the study's)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
-    p.add_argument("--scheduler", choices=["none", "asha"], default="none",
-                   help="asha stops weak trials early (told to Optuna as pruned)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha (default) stops weak trials early, comparing pruned models at "
+                        "equal fine-tune epochs (told to Optuna as pruned); none runs every "
+                        "trial to its end")
     p.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster (ADDR or auto) instead of starting one")
     p.add_argument("--tracking-uri", default=None,

@@ -19,9 +19,11 @@ from ray.tune import Callback, Stopper
 
 from ..budget import Budget
 from ..record import TrialRecord
+from .scheduler import RUNG_KEY, stop_note
 from .searcher import TRIAL_NUMBER_KEY
 
 _INTERNAL = {TRIAL_NUMBER_KEY}
+CURVE_KEYS = ("step", "epoch", "phase", "val_accuracy", "loss")  # of an epoch's report
 FINAL_METRICS = TrialRecord.RESULT_METRICS
 NODE_KEYS = ("node_id", "node_ip")  # where the trial ran, as params of its MLflow run
 KILLED_ERROR = "the search was interrupted before this trial finished"
@@ -40,13 +42,17 @@ def _error_text(trial) -> str:
 
 class TrackingCallback(Callback):
     """One MLflow child run per trial: opened RUNNING when the trial starts, ended once when it
-    ends (a trial Tune retried after its worker died keeps its run and records `retries`)."""
+    ends (a trial Tune retried after its worker died keeps its run and records `retries`).
+
+    A trial that ASHA stopped has no final result: its run ends KILLED with the curves of its
+    epoch reports so far and a note saying where and why it was stopped (`stop_note`)."""
 
     def __init__(self, tracker, parent_id: str) -> None:
         self.tracker = tracker
         self.parent_id = parent_id
         self.run_ids: dict[int, str] = {}
         self.ended: set[int] = set()
+        self.curves: dict[int, dict[int, dict]] = {}  # trial -> step -> epoch report
 
     def _params(self, trial) -> dict:
         return {k: v for k, v in trial.config.items() if k not in _INTERNAL}
@@ -58,7 +64,14 @@ class TrackingCallback(Callback):
                 self.parent_id, int(number), str(trial.config.get("method", "")),
                 self._params(trial))
 
-    def _log(self, trial, status: str, error: str | None = None) -> None:
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        number = trial.config.get(TRIAL_NUMBER_KEY)
+        if number is not None and result.get("phase") in ("prune", "finetune"):
+            rec = {k: result[k] for k in CURVE_KEYS if k in result}
+            self.curves.setdefault(int(number), {})[int(result.get("step", 0))] = rec
+
+    def _log(self, trial, status: str, error: str | None = None,
+             stopped: str | None = None) -> None:
         cfg = trial.config
         if TRIAL_NUMBER_KEY not in cfg:
             return  # never got an Optuna trial: nothing to record
@@ -69,19 +82,26 @@ class TrackingCallback(Callback):
         params["retries"] = int(getattr(trial, "num_failures", 0))
         metrics = {k: float(result[k]) for k in FINAL_METRICS
                    if isinstance(result.get(k), (int, float))}
-        history = json.loads(result["history"]) if result.get("history") else []
+        reports = [rec for _, rec in sorted(self.curves.pop(number, {}).items())]
+        # a final result has the whole history; a stopped trial has its epoch reports
+        history = json.loads(result["history"]) if result.get("history") else reports
         layers = json.loads(result["layer_sparsity"]) if result.get("layer_sparsity") else None
         if result.get("failed"):
             status = "FAILED"
             error = result.get("error_detail") or result.get("error") or error
         self.run_ids[number] = self.tracker.log_trial(
             self.parent_id, number, str(cfg.get("method", "")), params,
-            metrics if status == "FINISHED" else {}, history, layers, status, error)
+            metrics if status == "FINISHED" else {}, history, layers, status, error,
+            stopped=stopped)
         self.ended.add(number)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        final = (trial.last_result or {}).get("is_final", False)
-        self._log(trial, "FINISHED" if final else "KILLED")
+        result = trial.last_result or {}
+        if result.get("is_final", False):
+            self._log(trial, "FINISHED")
+        else:  # stopped by the scheduler (its last report is the one it was stopped at)
+            self._log(trial, "KILLED", stopped=stop_note(result.get(RUNG_KEY),
+                                                         result.get("val_accuracy")))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._log(trial, "FAILED", _error_text(trial))
@@ -118,7 +138,9 @@ class ProgressCallback(Callback):
             return
         if not r.get("is_final"):
             self.done += 1
-            self._line(trials, trial, f"{method} stopped early")
+            at = f" at fine-tune epoch {r[RUNG_KEY]}" if RUNG_KEY in r else ""
+            self._line(trials, trial, f"{method} stopped early by ASHA{at} "
+                                      f"(val {r.get('val_accuracy', 0.0):.4f})")
             return
         self.done += 1
         feasible = r.get("budget_violation", 1.0) <= 1e-12

@@ -29,7 +29,7 @@ class SearchOptions:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     sampler: str = "tpe"
-    scheduler: str = "none"
+    scheduler: str = "asha"  # stop weak trials early (scheduler.py); "none": run every trial out
     seed: int = 0
     out: str = "autoprune-runs"
     data_root: str | None = None

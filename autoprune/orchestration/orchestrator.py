@@ -45,6 +45,7 @@ from .resume import (
     prepare_optuna,
     reconcile,
 )
+from .scheduler import SCHEDULERS, make_scheduler, max_finetune_epochs
 from .space import SearchSpace
 from .summary import summarize
 from .trial import TrialContext
@@ -109,8 +110,8 @@ def search(opts: SearchOptions) -> dict:
                         "--finalists >= 0, --cpus-per-trial > 0, --gpus-per-trial >= 0")
     if opts.ray_address:
         host_port(opts.ray_address)
-    if opts.scheduler not in ("none", "asha"):
-        raise UserError(f"unknown scheduler '{opts.scheduler}'; choose none or asha")
+    if opts.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler '{opts.scheduler}'; choose asha or none")
     sampler = make_sampler(opts.sampler, opts.seed)
     out = Path(opts.out).expanduser().resolve()
     study_dir = out / study.name
@@ -199,12 +200,9 @@ def search(opts: SearchOptions) -> dict:
                                      metric=[k for k, _ in OBJECTIVES],
                                      mode=[m for _, m in OBJECTIVES], sampler=sampler,
                                      storage=storage, study_name=study.name)
-            scheduler = None
-            if opts.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-
-                scheduler = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1,
-                                          reduction_factor=2)
+            # ASHA compares pruned models at equal fine-tune epochs, never prune phases
+            scheduler = make_scheduler(opts.scheduler, max_finetune_epochs(
+                study.finetune.epochs, space.finetune.get("epochs")), opts.trial_workers)
             resources = trial_resources(opts)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)

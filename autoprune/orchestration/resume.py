@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..record import TrialRecord
 from ..store import KILLED_ATTR, redact
 from .callbacks import KILLED_ERROR
+from .scheduler import STOPPED_ATTR, stop_note
 
 
 class StudyLock:
@@ -96,7 +97,8 @@ def reconcile(ot_study: optuna.Study, storage: optuna.storages.BaseStorage, trac
     After an interrupted or killed driver: trials still RUNNING in Optuna are failed (marked
     killed), and every trial gets exactly one child run whose status matches its Optuna state;
     a child left RUNNING (its driver died) is ended KILLED, a trial told to Optuna but not yet
-    logged to MLflow is logged from the study.
+    logged to MLflow is logged from the study (a PRUNED one, stopped by ASHA, as KILLED with
+    the note that says so, not as an error).
     """
     fail_unfinished(ot_study, storage)
     experiment_id = tracker.client.get_run(parent_id).info.experiment_id
@@ -109,11 +111,14 @@ def reconcile(ot_study: optuna.Study, storage: optuna.storages.BaseStorage, trac
         if status.get(t.number) not in (None, "RUNNING"):
             continue
         metrics = TrialRecord.from_optuna(t).metrics() if t.state == TrialState.COMPLETE else {}
-        error = t.user_attrs.get("error") or (KILLED_ERROR if want == "KILLED" else None)
+        pruned = t.state == TrialState.PRUNED  # stopped early by ASHA: not an error
+        error = None if pruned else t.user_attrs.get("error") or (
+            KILLED_ERROR if want == "KILLED" else None)
         params = {**t.params, **{k: t.user_attrs[k] for k in ("node_id", "node_ip")
                                  if k in t.user_attrs}}
         tracker.log_trial(parent_id, t.number, str(t.params.get("method", "")), params, metrics,
-                          status=want, error=error if want != "FINISHED" else None)
+                          status=want, error=error if want != "FINISHED" else None,
+                          stopped=stop_note(t.user_attrs.get(STOPPED_ATTR)) if pruned else None)
         fixed += 1
     return fixed
 

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from ..record import TrialRecord
+from .scheduler import RUNG_KEY, STOPPED_ATTR
 
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
@@ -46,7 +47,11 @@ class PruningSearch(OptunaSearch):
             self._tell(trial_id, None, TrialState.FAIL)
             return
         if not result or not result.get("is_final"):
-            # stopped by a scheduler (or errored): its last values are not a finished model
+            # stopped by a scheduler (or errored): its last values are not a finished model.
+            # No values, no intermediate values (Optuna has none for several objectives):
+            # TPE counts a PRUNED trial among the worse ones, never as a point of the front.
+            if not error and result and RUNG_KEY in result:
+                ot_trial.set_user_attr(STOPPED_ATTR, int(result[RUNG_KEY]))
             self._tell(trial_id, None, TrialState.FAIL if error else TrialState.PRUNED)
             return
         violation = float(result.get("budget_violation", 0.0))

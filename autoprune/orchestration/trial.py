@@ -47,6 +47,7 @@ from .projection import (
     size_prior,
     with_prior,
 )
+from .scheduler import RUNG_KEY, rung_epoch
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
@@ -206,11 +207,20 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
                    "params_frac": planned["params"]}
     resume = _load_pruned(fingerprint)
 
+    ft_epochs = float(plan.finetune.get("epochs", wb.study.finetune.epochs))
+    feasible = budget.satisfied(planned)
+
     def progress(rec: dict) -> None:
-        # Intermediate reports let ASHA stop weak trials; they are never final results.
-        _report({"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
-                     "flops_frac": planned["flops"], "params_frac": planned["params"],
-                     "phase": rec["phase"], "is_final": False})
+        # Intermediate reports are never final results. ASHA compares trials only on the
+        # reports that carry RUNG_KEY: fine-tune epochs of feasible trials (scheduler.py).
+        metrics = {"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
+                   "flops_frac": planned["flops"], "params_frac": planned["params"],
+                   "phase": rec["phase"], "epoch": rec["epoch"], "step": rec.get("step", 0),
+                   "is_final": False}
+        k = rung_epoch(rec, ft_epochs, feasible)
+        if k is not None:
+            metrics[RUNG_KEY] = k
+        _report(metrics)
         ctx.faults.on_epoch(number, rec.get("phase"), ctx.study_dir)
 
     model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,

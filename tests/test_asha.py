@@ -1,0 +1,238 @@
+"""Early stopping by default: ASHA compares pruned models at equal fine-tune epochs only."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import optuna
+from mlflow import MlflowClient
+from ray.tune.schedulers import TrialScheduler
+
+from autoprune.orchestration.options import SearchOptions, resume_hint
+from autoprune.orchestration.scheduler import (
+    RUNG_KEY,
+    STOPPED_ATTR,
+    make_scheduler,
+    max_finetune_epochs,
+    rung_epoch,
+)
+from autoprune.orchestration.space_schema import Dist
+
+# ADMM: two prune-phase epochs on a nearly dense model, then 3 fine-tune epochs
+ADMM_SPACE = """
+methods:
+  admm:
+    rho: 1.0e-3
+    admm_iters: 2
+    epochs_per_iter: 1
+finetune:
+  epochs: 3
+sparsity:
+  target_floor: 0.6
+"""
+
+
+def _reports(tmp_path, monkeypatch) -> list[dict]:
+    """What one ADMM trial reports, captured at trial.py's `_report` seam."""
+    from autoprune.orchestration import trial
+    from autoprune.orchestration.space import SearchSpace
+    from autoprune.study import load_study
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(ADMM_SPACE)
+    space = SearchSpace.load(space_file).for_budget(False)
+    ctx = trial.TrialContext(study=load_study("digits-lenet"), space=space, out=str(tmp_path),
+                             study_dir=str(tmp_path / "s"), budget="params=0.5", data_root=None,
+                             seed=0, cpus=1)
+    layers = trial.workbench(ctx).layers
+    ot = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    config = {**space.suggest(ot, layers), **ot.params}
+    seen: list[dict] = []
+    monkeypatch.setattr(trial, "_report", lambda metrics, checkpoint=None: seen.append(metrics))
+    monkeypatch.setattr(trial, "_get_checkpoint", lambda: None)
+    final = trial._run(config, ctx, 0)
+    assert final["is_final"] and final["budget_violation"] <= 1e-9
+    return seen
+
+
+def test_asha_sees_fine_tune_epochs_of_pruned_models_only(tmp_path, monkeypatch):
+    seen = _reports(tmp_path, monkeypatch)
+    phases = [r["phase"] for r in seen]
+    assert phases == ["prune", "prune", "pruned", "finetune", "finetune", "finetune"]
+    # only fine-tune epochs carry the rung key, the last one not (ASHA stops at max_t)
+    assert [r.get(RUNG_KEY) for r in seen] == [None, None, None, 1, 2, None]
+    assert all(r["is_final"] is False for r in seen)
+
+    # Fed to the scheduler of a default search: the prune-phase reports are not compared. A
+    # second trial whose near-dense ADMM epochs look far worse is not stopped for them.
+    sched = make_scheduler(SearchOptions().scheduler, 3)
+    assert sched is not None
+    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    sched.on_trial_add(None, a)
+    sched.on_trial_add(None, b)
+    worse = [{**r, "val_accuracy": 0.0} if r["phase"] != "finetune" else r for r in seen]
+    for trial, reports in ((a, seen), (b, worse)):
+        actions = [sched.on_trial_result(None, trial, r) for r in reports]
+        assert actions == [TrialScheduler.CONTINUE] * len(reports)
+    rungs = {m: sorted(rec.values()) for m, rec in sched._brackets[0]._rungs}
+    ft = [r["val_accuracy"] for r in seen if r.get(RUNG_KEY)]
+    assert rungs[1] == [ft[0]] * 2 and rungs[2] == [ft[1]] * 2  # fine-tune values only
+    # and a trial below the bar at fine-tune epoch 1 is stopped
+    c = SimpleNamespace(trial_id="c")
+    sched.on_trial_add(None, c)
+    low = {**seen[3], "val_accuracy": ft[0] - 0.5}
+    assert sched.on_trial_result(None, c, low) == TrialScheduler.STOP
+
+
+def test_rungs_leave_out_infeasible_trials_and_last_epochs():
+    rec = {"phase": "finetune", "epoch": 0}
+    assert rung_epoch(rec, 4, feasible=True) == 1
+    assert rung_epoch(rec, 4, feasible=False) is None  # over budget: never sets the bar
+    assert rung_epoch({"phase": "prune", "epoch": 0}, 4, True) is None
+    assert rung_epoch({"phase": "finetune", "epoch": 3}, 4, True) is None  # its last epoch
+    assert rung_epoch({"phase": "finetune", "epoch": 2}, 2.5, True) is None  # 3 records
+    assert rung_epoch({"phase": "finetune", "epoch": 1}, 2.5, True) == 2
+
+
+def test_max_t_covers_the_longest_searched_fine_tune():
+    assert max_finetune_epochs(4, None) == 4
+    assert max_finetune_epochs(4, Dist("fixed", value=2)) == 2
+    assert max_finetune_epochs(4, Dist("int", low=1, high=8)) == 8
+    assert max_finetune_epochs(4, Dist("float", low=0.5, high=2.5)) == 3
+    assert max_finetune_epochs(4, Dist("categorical", choices=(1, 6, 3))) == 6
+    # one fine-tune epoch (or none): nothing to compare, no scheduler, no crash
+    assert make_scheduler("asha", 1) is None and make_scheduler("asha", 0) is None
+    assert make_scheduler("none", 8) is None
+    assert make_scheduler("asha", 8)._max_t == 8
+    assert make_scheduler("asha", 8, trial_workers=2) is None  # data-parallel: off
+
+
+def test_asha_is_the_default_and_none_is_repeated_on_resume():
+    assert SearchOptions().scheduler == "asha"
+    assert "--scheduler" not in resume_hint(SearchOptions())
+    assert "--scheduler none" in resume_hint(SearchOptions(scheduler="none"))
+    from autoprune.cli import build_parser
+
+    args = build_parser().parse_args(["search"])
+    assert args.scheduler == "asha"
+
+
+def test_tpe_samples_after_pruned_trials_of_a_multi_objective_study():
+    """Optuna's TPE on a 3-objective study with PRUNED trials (no values, no intermediate
+    values): it samples on, and ranks them after the completed ones (not as good points)."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    from autoprune.orchestration.options import make_sampler
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=make_sampler("tpe", 0))
+    for i in range(12):
+        t = study.ask()
+        x = t.suggest_float("x", 0, 1)
+        if i % 2:
+            study.tell(t, None, state=optuna.trial.TrialState.PRUNED)
+        else:
+            t.set_constraint("budget", 0.0)
+            study.tell(t, [x, 1 - x, 0.5])
+    for _ in range(3):
+        t = study.ask()
+        t.suggest_float("x", 0, 1)
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                      optuna.trial.TrialState.PRUNED))
+    below, _ = _split_trials(study, trials, 2)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in below)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.best_trials)
+
+
+# One-shot magnitude, then 3 fine-tune epochs at a searched learning rate: at 1e-5 the pruned
+# model does not recover (clearly bad), at 0.05 it does.
+STOP_SPACE = """
+methods:
+  magnitude:
+    gradual: false
+    epochs: 0
+finetune:
+  epochs: 3
+  lr: {choices: [1.0e-5, 0.05]}
+sparsity:
+  target_floor: 0.6
+"""
+
+
+def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
+    from autoprune.orchestration.orchestrator import search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(STOP_SPACE)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("autoprune")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:  # one trial at a time: the rung comparisons are the same on every run
+        summary = search(SearchOptions(study="digits-lenet", space=str(space), budget="flops=0.4",
+                                       trials=8, workers=1, out=str(tmp_path / "runs"), seed=0,
+                                       baselines=False))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    study = optuna.load_study(study_name="digits-lenet",
+                              storage=f"sqlite:///{tmp_path / 'runs/digits-lenet/optuna.db'}")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "no trial was stopped early"
+    assert summary["trials_pruned"] == len(pruned)
+    assert summary["trials_completed"] + len(pruned) == 8 and summary["trials_failed"] == 0
+    assert {t.user_attrs[STOPPED_ATTR] for t in pruned} <= {1, 2}
+    assert all(t.values is None for t in pruned)
+    assert not {t.number for t in pruned} & {p["trial"] for p in summary["pareto"]}
+    assert any("stopped early by ASHA at fine-tune epoch" in ln for ln in lines)
+
+    client = MlflowClient(summary["tracking_uri"])
+    exp = client.get_experiment_by_name("digits-lenet")
+    runs = {int(r.data.tags["autoprune.trial"]): r for r in client.search_runs(
+        [exp.experiment_id]) if r.data.tags.get("mlflow.parentRunId") == summary["parent_run_id"]}
+    for t in pruned:
+        r = runs[t.number]
+        k = t.user_attrs[STOPPED_ATTR]
+        assert r.info.status == "KILLED" and "autoprune.error" not in r.data.tags
+        assert f"stopped early by ASHA at fine-tune epoch {k}" in r.data.tags[
+            "autoprune.stopped_early"]
+        assert r.data.tags["mlflow.note.content"] == r.data.tags["autoprune.stopped_early"]
+        assert r.data.tags.get("autoprune.pareto") != "true"
+        curve = client.get_metric_history(r.info.run_id, "finetune/val_accuracy")
+        assert len(curve) == k  # its fine-tune curve, up to the epoch it was stopped at
+    finished = [r for r in runs.values() if r.info.status == "FINISHED"]
+    assert len(finished) == summary["trials_completed"]
+    assert all("autoprune.stopped_early" not in r.data.tags for r in finished)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.metrics["trials_stopped_early"] == len(pruned)
+    assert json.loads(json.dumps(summary["pareto"]))  # the front is there
+
+
+def test_reconcile_records_a_stopped_trial_as_stopped_not_interrupted(tmp_path):
+    """A trial told PRUNED to Optuna but not yet in MLflow (the driver died in between) gets a
+    KILLED run with the stopped-early note, not the "interrupted" error; it counts as done."""
+    from autoprune.orchestration.resume import finished_count, open_storage, reconcile
+    from autoprune.tracking import Tracker
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(storage=storage, study_name="s",
+                                directions=["maximize", "minimize", "minimize"])
+    t = study.ask()
+    t.suggest_categorical("method", ["magnitude"])
+    t.set_user_attr(STOPPED_ATTR, 2)
+    study.tell(t, None, state=optuna.trial.TrialState.PRUNED)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "s", tmp_path / "art")
+    parent = tracker.start_search({"study": "s"}, "flops=0.4", {"val_accuracy": 0.9})
+    assert reconcile(study, storage, tracker, parent) == 1
+    run = tracker.client.get_run(tracker._child_map(parent)[0])
+    assert run.info.status == "KILLED" and "autoprune.error" not in run.data.tags
+    assert run.data.tags["autoprune.stopped_early"].startswith(
+        "stopped early by ASHA at fine-tune epoch 2")
+    assert run.info.run_name.endswith("stopped early")
+    assert finished_count(study) == 1

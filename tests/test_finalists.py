@@ -39,7 +39,9 @@ def test_choose_takes_the_most_accurate_in_budget_front_points():
                _rec(3, 0.93, 0.20, 0.20),
                _rec(4, 0.92, 0.39, 0.36)]  # dominated by trial 1: not on the front
     assert [r.trial for r in choose(records, 2)] == [1, 3]
-    assert [r.trial for r in choose(records, 10)] == [1, 3, 0]
+    assert [r.trial for r in choose(records, 3)] == [1, 3, 0]
+    # a front smaller than k is topped up with the most accurate other in-budget trials
+    assert [r.trial for r in choose(records, 10)] == [1, 3, 0, 4]
     assert choose(records, 0) == []
 
 

@@ -57,7 +57,8 @@ def final_epochs(study: Study, given: int | None) -> int:
 
 
 def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
-    """The top `k` points of the in-budget front by validation accuracy (a tie: the smaller).
+    """The top `k` points of the in-budget front by validation accuracy (a tie: the smaller),
+    then, if the front has fewer than `k`, the most accurate other in-budget trials.
 
     Records must be the search-time ones (`store.trial_records(..., finalists=False)`), so
     that a resumed stage makes the same choice. Trials recorded before their per-layer
@@ -65,8 +66,11 @@ def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
     """
     points = [r.as_point() for r in records]
     on_front = {p["trial"] for p in pareto.feasible_front(points)}
-    usable = [r for r in records if r.trial in on_front and r.layer_sparsity and r.method]
-    usable.sort(key=lambda r: (-r.val_accuracy, r.flops_frac, r.params_frac, r.trial))
+    usable = [r for r in records if r.feasible and r.layer_sparsity and r.method]
+    # the front first; a front smaller than k is topped up with the next most accurate
+    # in-budget trials (short trials rank noisily: a retrained runner-up may come out ahead)
+    usable.sort(key=lambda r: (r.trial not in on_front, -r.val_accuracy, r.flops_frac,
+                               r.params_frac, r.trial))
     return usable[:max(0, k)]
 
 

@@ -43,8 +43,9 @@ class FinalistRuns:
     def __init__(self, tracker: Tracker, parent_id: str) -> None:
         self.tracker, self.client, self.parent_id = tracker, tracker.client, parent_id
         self.experiment_id = self.client.get_run(parent_id).info.experiment_id
-        self.runs = {n: r.info.run_id for n, r in store.finalist_runs(
-            self.client, self.experiment_id, parent_id).items()}
+        found = store.finalist_runs(self.client, self.experiment_id, parent_id)
+        self.runs = {n: r.info.run_id for n, r in found.items()}
+        self.status = {n: r.info.status for n, r in found.items()}
         self._trials: dict[int, str] | None = None
 
     def trial_run(self, trial: int) -> str | None:
@@ -58,6 +59,7 @@ class FinalistRuns:
         """The RUNNING run of `trial`'s finalist: the existing one (a resumed stage), or new."""
         if trial in self.runs:
             self.client.update_run(self.runs[trial], status="RUNNING")
+            self.status[trial] = "RUNNING"
             return self.runs[trial]
         nest = self.trial_run(trial) or self.parent_id
         tags = {TAG_PARENT: nest, TAG_ROLE: ROLE_FINALIST, TAG_FINALIST_OF: str(trial),
@@ -68,6 +70,7 @@ class FinalistRuns:
                                                        Param("final_epochs", str(epochs))],
                               synchronous=True)
         self.runs[trial] = run.info.run_id
+        self.status[trial] = "RUNNING"
         return run.info.run_id
 
     def finish(self, trial: int, metrics: Mapping[str, Any],
@@ -80,6 +83,7 @@ class FinalistRuns:
         curves = self.tracker.new_points(rid, self.tracker.curves(history, ts))
         self.client.log_batch(rid, metrics=final + curves, synchronous=True)
         self.client.set_terminated(rid, status="FINISHED", end_time=_now_ms())
+        self.status[trial] = "FINISHED"
         trial_rid = self.trial_run(trial)
         if trial_rid is None:
             return
@@ -95,6 +99,7 @@ class FinalistRuns:
         rid = self.runs[trial]
         self.client.log_batch(rid, tags=[RunTag(TAG_ERROR, error[-240:])], synchronous=True)
         self.client.set_terminated(rid, status="FAILED", end_time=_now_ms())
+        self.status[trial] = "FAILED"
 
     def kill_running(self, keep: set[int] = frozenset()) -> int:
         """End KILLED every finalist run left RUNNING (by a dead or interrupted driver) that is
@@ -105,5 +110,6 @@ class FinalistRuns:
                 continue
             if self.client.get_run(rid).info.status == "RUNNING":
                 self.client.set_terminated(rid, status="KILLED", end_time=_now_ms())
+                self.status[trial] = "KILLED"
                 n += 1
         return n

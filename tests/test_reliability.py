@@ -378,7 +378,9 @@ def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
     def finalist_runs():
         return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
                 if r.data.tags.get("autoprune.role") == "finalist"]
-    assert sorted(r.info.status for r in finalist_runs()) == ["FINISHED", "RUNNING"]
+    # the first finalist's result is in Optuna; its MLflow run may not have been ended yet
+    # (the driver writes Optuna first), the second one's is RUNNING or not opened yet
+    assert "RUNNING" in {r.info.status for r in finalist_runs()}
 
     rc = main(["search", *args, "--resume", "--json"])
     summary = json.loads(capsys.readouterr().out)

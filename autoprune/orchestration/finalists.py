@@ -130,6 +130,14 @@ def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext
     done = store.finalist_results(ot_study)
     todo = [plan(r, epochs) for r in chosen if r.trial not in done]
     runs = FinalistRuns(tracker, parent_id)
+    for r in chosen:  # finished in Optuna, but the driver died before MLflow heard of it
+        result = done.get(r.trial)
+        if result is not None and runs.status.get(r.trial) in (None, "RUNNING"):
+            runs.start(r.trial, str(r.method), int(result.get("epochs") or epochs))
+            if result.get("failed"):
+                runs.fail(r.trial, str(result.get("error", "error")))
+            else:
+                runs.finish(r.trial, result)
     runs.kill_running(keep={f.trial for f in todo})  # chosen no more (e.g. --finalists lowered)
     summary = {"chosen": [r.trial for r in chosen], "ran": 0, "interrupted": False}
     if not todo:

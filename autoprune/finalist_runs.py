@@ -67,7 +67,7 @@ class FinalistRuns:
         run = self.client.create_run(self.experiment_id, start_time=_now_ms(), tags=tags,
                                      run_name=f"final-{trial}-{method}")
         self.client.log_batch(run.info.run_id, params=[Param("trial", str(trial)),
-                                                       Param("final_epochs", str(epochs))],
+                                                       Param("min_epochs", str(epochs))],
                               synchronous=True)
         self.runs[trial] = run.info.run_id
         self.status[trial] = "RUNNING"
@@ -80,6 +80,8 @@ class FinalistRuns:
         ts = _now_ms()
         final = [Metric(k, float(metrics[k]), ts, 0) for k in FINALIST_METRICS
                  if isinstance(metrics.get(k), (int, float))]
+        if isinstance(metrics.get("epochs"), (int, float)):
+            final.append(Metric("final_epochs", float(metrics["epochs"]), ts, 0))
         curves = self.tracker.new_points(rid, self.tracker.curves(history, ts))
         self.client.log_batch(rid, metrics=final + curves, synchronous=True)
         self.client.set_terminated(rid, status="FINISHED", end_time=_now_ms())

@@ -173,6 +173,9 @@ def render(res: dict) -> list[str]:
         k = min(len(row[a]) for a in ARMS)
         if k == 0:
             continue  # an interrupted run: this case has no complete set of arms
+        # HV is over (val, compacted flops, params): a weight-level model keeps flops_frac 1.0,
+        # so under params=/weights= budgets HV says only whether filter trials were found
+        hv_ok = "flops" in budget.replace("sparse_flops", "")
         for arm in ARMS:
             rs = row[arm][:k]
             secs = statistics.mean(r["seconds"] for r in rs)
@@ -181,8 +184,9 @@ def render(res: dict) -> list[str]:
             epochs = " / ".join(f"{r['epochs']:g}" for r in rs) if "epochs" in rs[0] else "-"
             lines.append(f"| {sname} | {budget} | {label} | {mean_sd([r['test'] for r in rs])} "
                          f"| {per_seed([r['test'] for r in rs])} | "
-                         f"{mean_sd([r['hv'] for r in rs])} | {per_seed([r['hv'] for r in rs])} "
-                         f"| {secs:.0f} | {epochs} |")
+                         + (f"{mean_sd([r['hv'] for r in rs])} | "
+                            f"{per_seed([r['hv'] for r in rs])} " if hv_ok else "- | - ")
+                         + f"| {secs:.0f} | {epochs} |")
         acc = {a: statistics.mean(r["test"] if r["test"] is not None else 0.0
                                   for r in row[a][:k]) for a in ARMS}
         parts = []
@@ -194,7 +198,7 @@ def render(res: dict) -> list[str]:
         hv_t = statistics.mean(r["hv"] for r in row["tpe"][:k])
         hv_r = statistics.mean(r["hv"] for r in row["random"][:k])
         verdicts.append(f"- {sname} {budget}: search {acc['tpe']:.4f} vs " + "; ".join(parts)
-                        + f"; HV search {hv_t:.4f} vs random {hv_r:.4f}")
+                        + (f"; HV search {hv_t:.4f} vs random {hv_r:.4f}" if hv_ok else ""))
         picks = [f"trial {r['best_trial']} {r['method']}"
                  + (f" (finalist; {r['best_search_test']:.4f} at search time)"
                     if r.get("best_finalist") and r.get("best_search_test") is not None else "")

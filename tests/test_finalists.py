@@ -133,3 +133,17 @@ def test_resume_with_every_finalist_done_repeats_nothing(searched):
     assert again["best"]["trial"] == first["best"]["trial"]
     assert again["best"]["val_accuracy"] == first["best"]["val_accuracy"]
     shutil.rmtree(out / STUDY / "tune", ignore_errors=True)
+
+
+def test_time_matched_finalist_length():
+    """By default a finalist fine-tunes for as many epochs as fit in its share of the trial
+    stage's time, never fewer than the floor nor more than the ceiling."""
+    from autoprune.orchestration.finalists import finalist_seconds, plan
+
+    assert finalist_seconds(60.0, k=3, workers=2) == 30.0  # two rounds of finalists
+    assert finalist_seconds(60.0, k=2, workers=2) == 60.0
+    spec = plan(_rec(0, 0.9, 0.3, 0.3), epochs=12, seconds=30.0, max_epochs=100)
+    assert spec.epochs_for(1.0) == 30
+    assert spec.epochs_for(10.0) == 12  # the floor
+    assert spec.epochs_for(0.01) == 100  # the ceiling
+    assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).epochs_for(0.01) == 12  # --final-epochs

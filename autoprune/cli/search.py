@@ -141,7 +141,8 @@ def add_commands(sub, common) -> None:
                         "the full fine-tune at the end; best, report and export use them "
                         "(default 3; 0: none)")
     p.add_argument("--final-epochs", type=_positive_int, default=None,
-                   help="fine-tune epochs of the finalists (default: 3x the study's)")
+                   help="fine-tune epochs of the finalists (default: as many as fit in their "
+                        "share of the trial stage's time, 3x to 25x the study's)")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha (default) stops weak trials early, comparing pruned models at "
@@ -229,13 +230,13 @@ def print_front(summary: dict, stream=None) -> None:
           "weights; drop: dense val - val", file=stream)
     finals = [f for f in summary.get("finalists") or [] if "val_accuracy" in f]
     if finals:
-        print(f"finalists (retrained for {finals[0].get('epochs')} fine-tune epochs; the table "
-              f"shows their accuracy):", file=stream)
+        print("finalists (retrained with a longer fine-tune; the table shows their accuracy):",
+              file=stream)
         for f in finals:
             print(f"  trial {f['trial']:>3} {f.get('method') or '-':<12} val "
                   f"{_f(f.get('search_val_accuracy'))} -> {_f(f['val_accuracy'])}   test "
-                  f"{_f(f.get('search_test_accuracy'))} -> {_f(f.get('test_accuracy'))}",
-                  file=stream)
+                  f"{_f(f.get('search_test_accuracy'))} -> {_f(f.get('test_accuracy'))}   "
+                  f"{f.get('epochs')} epochs", file=stream)
     if summary.get("best"):
         b = summary["best"]
         print(f"best in budget: trial {b['trial']} ({b['method']}) val {b['val_accuracy']:.4f}",

@@ -33,7 +33,9 @@ from ..study import Study
 from .trial import TrialContext
 
 log = logging.getLogger("autoprune")
-EPOCH_FACTOR = 3  # default finalist fine-tune: this many times the study's trial fine-tune
+EPOCH_FACTOR = 3  # finalists fine-tune at least this many times the study's trial fine-tune
+MAX_FACTOR = 25  # and, when their length follows the time of the trial stage, at most this
+SECONDS_ATTR = "finalist_seconds"  # Optuna study attr: each finalist's time, fixed once
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,36 @@ class Finalist:
     params: dict[str, Any]
     targets: dict[str, float]
     finetune: dict[str, Any]  # the trial's fine-tune overrides, epochs raised
+    # None: fine-tune for finetune["epochs"]; else for as many epochs as fit in `seconds`
+    # (an epoch is timed first), within [finetune["epochs"], max_epochs]
+    seconds: float | None = None
+    max_epochs: int | None = None
 
     @property
     def epochs(self) -> int:
         return int(self.finetune["epochs"])
 
+    def epochs_for(self, epoch_seconds: float) -> int:
+        """The fine-tune length this finalist runs, given the time of one epoch."""
+        if self.seconds is None:
+            return self.epochs
+        fit = int(self.seconds // max(epoch_seconds, 1e-9))
+        return max(self.epochs, min(fit, self.max_epochs or fit))
+
 
 def final_epochs(study: Study, given: int | None) -> int:
-    """`--final-epochs`, or by default EPOCH_FACTOR times the study's fine-tune epochs."""
+    """`--final-epochs`, or else the least a finalist fine-tunes: EPOCH_FACTOR times the
+    study's fine-tune epochs."""
     return int(given) if given is not None else EPOCH_FACTOR * int(study.finetune.epochs)
+
+
+def finalist_seconds(trial_seconds: float, k: int, workers: int) -> float:
+    """Each finalist's time when the stage is to last about as long as the trial stage did
+    (`k` finalists, `workers` at a time): half the search explores, half exploits. A short
+    trial stage (tiny studies, where a search's time is mostly start-up) still gives each
+    finalist `final_epochs`."""
+    rounds = -(-max(k, 1) // max(workers, 1))
+    return max(0.0, trial_seconds) / rounds
 
 
 def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
@@ -74,13 +97,27 @@ def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
     return usable[:max(0, k)]
 
 
-def plan(record: TrialRecord, epochs: int) -> Finalist:
-    """A trial's finalist: its own settings with at least `epochs` of fine-tuning."""
+def plan(record: TrialRecord, epochs: int, seconds: float | None = None,
+         max_epochs: int | None = None) -> Finalist:
+    """A trial's finalist: its own settings with at least `epochs` of fine-tuning (with
+    `seconds`: as many more as fit in that time, up to `max_epochs`)."""
     ft = dict(record.finetune or {})
     ft["epochs"] = max(int(epochs), int(ft.get("epochs", 0)))
     return Finalist(trial=record.trial, method=str(record.method),
                     params=record.hyperparameters(), targets=dict(record.layer_sparsity or {}),
-                    finetune=ft)
+                    finetune=ft, seconds=seconds, max_epochs=max_epochs)
+
+
+def _epoch_seconds(wb, spec: Finalist, seed: int) -> float:
+    """The time of one fine-tune epoch of this study here (on a throwaway dense copy)."""
+    from dataclasses import replace
+
+    from ..engine import train
+
+    recipe = replace(wb.study.finetune, **{**spec.finetune, "epochs": 1})
+    t0 = time.perf_counter()
+    train(wb.fresh_model(), wb.data, recipe, seed=seed)
+    return time.perf_counter() - t0
 
 
 def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
@@ -98,8 +135,11 @@ def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
         def progress(rec: dict) -> None:
             ctx.faults.on_final_epoch()
 
+        seed = ctx.seed + max(spec.trial, 0)
+        epochs = spec.epochs if spec.seconds is None else spec.epochs_for(
+            _epoch_seconds(wb, spec, seed))
         model, m = run_pruning(wb, spec.method, spec.params, spec.targets,
-                               finetune=spec.finetune, seed=ctx.seed + max(spec.trial, 0),
+                               finetune={**spec.finetune, "epochs": epochs}, seed=seed,
                                on_epoch=progress)
         ckpt_dir = Path(ctx.study_dir) / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -112,13 +152,18 @@ def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     keep = ("val_accuracy", "test_accuracy", "flops_frac", "sparse_flops_frac", "params_frac",
             "weights_frac", "compact_flops_frac")
-    return {**{k: float(m[k]) for k in keep}, "checkpoint": str(ckpt), "epochs": spec.epochs,
+    return {**{k: float(m[k]) for k in keep}, "checkpoint": str(ckpt), "epochs": epochs,
             "history": m["history"]}
 
 
 def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext, *, k: int,
-              epochs: int, workers: int, cpus: float, gpus: float) -> dict[str, Any]:
+              epochs: int, workers: int, cpus: float, gpus: float,
+              seconds: float | None = None, max_epochs: int | None = None) -> dict[str, Any]:
     """Retrain the chosen finalists that have no result yet, `workers` at a time.
+
+    `epochs` fixed (`--final-epochs`), or with `seconds` the least of a length that fits in
+    `seconds` per finalist (up to `max_epochs`). The time is kept on the study the first time,
+    so a resumed stage gives its finalists the same.
 
     Returns {"chosen": [trial numbers], "ran": n, "interrupted": bool}. Ctrl-C (or a
     KeyboardInterrupt from the caller) cancels the running ones and ends their runs KILLED;
@@ -128,7 +173,11 @@ def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext
 
     chosen = choose(store.trial_records(ot_study, finalists=False), k)
     done = store.finalist_results(ot_study)
-    todo = [plan(r, epochs) for r in chosen if r.trial not in done]
+    if seconds is not None:
+        if SECONDS_ATTR not in ot_study.user_attrs and seconds > 0:
+            ot_study.set_user_attr(SECONDS_ATTR, float(seconds))
+        seconds = float(ot_study.user_attrs.get(SECONDS_ATTR, seconds))
+    todo = [plan(r, epochs, seconds, max_epochs) for r in chosen if r.trial not in done]
     runs = FinalistRuns(tracker, parent_id)
     for r in chosen:  # finished in Optuna, but the driver died before MLflow heard of it
         result = done.get(r.trial)
@@ -142,8 +191,11 @@ def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext
     summary = {"chosen": [r.trial for r in chosen], "ran": 0, "interrupted": False}
     if not todo:
         return summary
+    length = (f"{todo[0].epochs} fine-tune epochs" if seconds is None else
+              f"as many fine-tune epochs as fit in {seconds:.0f} s each (the trial stage's "
+              f"time; {todo[0].epochs} to {max_epochs})")
     log.info(f"finalist stage: retraining trial(s) {', '.join(str(f.trial) for f in todo)} "
-             f"with {todo[0].epochs} fine-tune epochs"
+             f"with {length}"
              + (f" ({len(chosen) - len(todo)} finished before)" if len(chosen) > len(todo)
                 else ""))
     remote = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
@@ -194,5 +246,5 @@ def _record(ot_study: optuna.Study, runs: FinalistRuns, spec: Finalist, result: 
         log.info(f"finalist of trial {spec.trial} failed: {result.get('error')}")
         return
     runs.finish(spec.trial, result, history)
-    log.info(f"finalist of trial {spec.trial} ({spec.method}, {spec.epochs} epochs): "
+    log.info(f"finalist of trial {spec.trial} ({spec.method}, {result.get('epochs')} epochs): "
              f"val {result['val_accuracy']:.4f} test {result['test_accuracy']:.4f}")

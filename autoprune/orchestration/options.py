@@ -43,7 +43,7 @@ class SearchOptions:
     trial_workers: int = 1  # > 1: each trial data-parallel over N workers (distributed.py)
     baselines: bool = True  # a new search's first trials are the hand baselines (baselines.py)
     finalists: int = 3  # top front points retrained with the full fine-tune (finalists.py)
-    final_epochs: int | None = None  # their fine-tune epochs (default: 3x the study's)
+    final_epochs: int | None = None  # their fine-tune epochs (default: time-matched, finalists.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -34,7 +34,7 @@ from .baselines import baseline_params, enqueue_baselines
 from .cluster import host_port, init_ray, tune_storage
 from .distributed import share_data, trial_resources
 from .faults import Faults
-from .finalists import final_epochs, finalist_rows, run_stage
+from .finalists import MAX_FACTOR, final_epochs, finalist_rows, finalist_seconds, run_stage
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
 from .resume import (
@@ -176,6 +176,7 @@ def search(opts: SearchOptions) -> dict:
 
         status = "FINISHED"
         interrupted = False
+        trial_seconds = 0.0
         progress = ProgressCallback(total=trials, done_before=done, budget=budget)
         ctx = None
         if remaining > 0 or opts.finalists > 0:
@@ -219,22 +220,30 @@ def search(opts: SearchOptions) -> dict:
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                     checkpoint_config=tune.CheckpointConfig()),
             )
+            t_fit = time.monotonic()
             try:
                 with stop.installed():
                     tuner.fit()
             except KeyboardInterrupt:  # a second Ctrl-C: quit without Tune's graceful stop
                 interrupted = True
             interrupted = interrupted or stop.requested
+            trial_seconds = time.monotonic() - t_fit
             if interrupted:
                 status = "KILLED"
             reconcile(ot_study, storage, tracker, parent_id)
 
         stage = {"chosen": [], "ran": 0, "interrupted": False}
+        # --final-epochs fixes the finalists' length; by default the stage lasts about as long
+        # as the trial stage (finalists.finalist_seconds), the study's 3x as the least
+        # (a resumed stage reuses the time first fixed: run_stage keeps it on the study)
+        timed = None if opts.final_epochs is not None else finalist_seconds(
+            trial_seconds, opts.finalists, opts.workers)
         if ctx is not None and opts.finalists > 0 and not interrupted:
             stage = run_stage(ot_study, tracker, parent_id, ctx, k=opts.finalists,
                               epochs=final_epochs(study, opts.final_epochs),
                               workers=opts.workers, cpus=opts.cpus_per_trial,
-                              gpus=opts.gpus_per_trial)
+                              gpus=opts.gpus_per_trial, seconds=timed,
+                              max_epochs=MAX_FACTOR * int(study.finetune.epochs))
             if stage["interrupted"]:
                 interrupted, status = True, "KILLED"
 

@@ -17,8 +17,6 @@ the rest in their existing MLflow runs (finalist_runs.py).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +120,9 @@ def _epoch_seconds(wb, spec: Finalist, seed: int) -> float:
 
 def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
     """Run one finalist in a Ray worker; its metrics, or `failed` with the error."""
-    import torch
-
     from ..device import set_threads
     from ..pipeline import run_pruning
-    from .trial import workbench
+    from .trial import save_weights, workbench
 
     try:
         set_threads(ctx.cpus)
@@ -141,13 +137,7 @@ def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
         model, m = run_pruning(wb, spec.method, spec.params, spec.targets,
                                finetune={**spec.finetune, "epochs": epochs}, seed=seed,
                                on_epoch=progress)
-        ckpt_dir = Path(ctx.study_dir) / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = ckpt_dir / f"final-{spec.trial}.pt"
-        fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".tmp")
-        os.close(fd)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, ckpt)
+        ckpt = save_weights(model, Path(ctx.study_dir) / "checkpoints" / f"final-{spec.trial}.pt")
     except Exception as exc:  # noqa: BLE001 - recorded as a failed finalist, the search goes on
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     keep = ("val_accuracy", "test_accuracy", "flops_frac", "sparse_flops_frac", "params_frac",

@@ -152,6 +152,16 @@ def _load_pruned(fingerprint: dict) -> PrunedState | None:
     return PrunedState(blob["state"], blob["masks"], meta["history"])
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> Path:
+    """The model's weights at `path`, written whole or not at all (a worker may die mid-way)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def _failure(exc: BaseException) -> dict:
     """A final result recording a trial that raised (told to Optuna and MLflow as failed)."""
     if isinstance(exc, (TrainingDiverged, UserError)):
@@ -227,13 +237,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
                            seed=ctx.seed + max(number, 0), on_epoch=progress,
                            on_pruned=lambda s: _save_pruned(s, fingerprint), resume=resume)
     fracs = budget_fractions(m)
-    ckpt_dir = Path(ctx.study_dir) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"trial-{number}.pt"
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, suffix=".tmp")
-    os.close(fd)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, ckpt)
+    ckpt = save_weights(model, Path(ctx.study_dir) / "checkpoints" / f"trial-{number}.pt")
     final = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and
              not (isinstance(v, float) and math.isnan(v))}
     final.update(is_final=True, failed=False, budget_violation=budget.violation(fracs),

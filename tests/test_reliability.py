@@ -356,6 +356,22 @@ def _finalists_in_optuna(out: Path) -> dict[str, str]:
     return dict(rows)
 
 
+def _running_finalist_runs(out: Path) -> int:
+    """MLflow finalist runs still RUNNING (read-only, so polling never locks the driver out)."""
+    db = out / "mlflow.db"
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            (n,) = con.execute(
+                "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                "WHERE tags.key = 'autoprune.role' AND tags.value = 'finalist' "
+                "AND runs.status = 'RUNNING'").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(n)
+
+
 def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
         ray_session, new_out, tmp_path, capsys):
     space = write_space(tmp_path, QUICK_SPACE)
@@ -365,7 +381,10 @@ def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
     # one finalist at a time, 1 s per epoch: the driver dies after the first, during the second
     driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "1"})
     try:
-        driver.wait_for(lambda: len(_finalists_in_optuna(new_out)) >= 1, timeout=240)
+        # the first is in Optuna and the second's run is open: kill while it trains (waiting for
+        # the first alone could kill in the gap before the second's run opens)
+        driver.wait_for(lambda: len(_finalists_in_optuna(new_out)) >= 1
+                        and _running_finalist_runs(new_out) >= 1, timeout=240)
         driver.proc.send_signal(signal.SIGKILL)
         assert driver.finish() == -signal.SIGKILL
     finally:
@@ -378,8 +397,6 @@ def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
     def finalist_runs():
         return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
                 if r.data.tags.get("autoprune.role") == "finalist"]
-    # the first finalist's result is in Optuna; its MLflow run may not have been ended yet
-    # (the driver writes Optuna first), the second one's is RUNNING or not opened yet
     assert "RUNNING" in {r.info.status for r in finalist_runs()}
 
     rc = main(["search", *args, "--resume", "--json"])

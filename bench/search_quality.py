@@ -110,7 +110,9 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
     best = summary["best"]
     return {"hv": hypervolume(feasible), "test": best["test_accuracy"] if best else None,
             "val": best["val_accuracy"] if best else None,
-            "method": best["method"] if best else None, "completed": summary["trials_completed"],
+            "method": best["method"] if best else None,
+            "flops": best.get("flops_frac") if best else None,
+            "completed": summary["trials_completed"],
             "pruned": summary["trials_pruned"], "feasible": len(feasible),
             "failed": summary["trials_failed"], "seconds": elapsed,
             "best_trial": best["trial"] if best else None,
@@ -133,7 +135,8 @@ def run_fixed(kind: str, wb, budget: str, seed: int, seconds: float) -> dict:
     ok = b.satisfied({k: m[f"{k}_frac"] if f"{k}_frac" in m else m["flops_frac"]
                       for k in b.limits})
     return {"hv": hypervolume([m]) if ok else 0.0, "test": m["test_accuracy"] if ok else None,
-            "val": m["val_accuracy"], "method": arm, "completed": 1, "feasible": int(ok),
+            "val": m["val_accuracy"], "method": arm, "flops": m.get("flops_frac"),
+            "completed": 1, "feasible": int(ok),
             "failed": 0, "seconds": m["seconds"], "epochs": m["finetune_epochs"]}
 
 
@@ -162,11 +165,12 @@ def render(res: dict) -> list[str]:
              f"arms get: one pruning, then as many fine-tune epochs as fit in W. Test acc: test "
              f"accuracy of the arm's pick (a search's most accurate in-budget front point by "
              f"validation accuracy). HV: hypervolume of the in-budget points, reference (val 0, "
-             f"flops_frac 1, params_frac 1). Values: mean ± sample sd over seeds, then per seed. "
-             f"CPU only.", ""]
+             f"flops_frac 1, params_frac 1). Kept FLOPs: the pick's MACs after compaction over the "
+             f"dense model's (what runs on dense hardware; 1.000 for unstructured sparsity). "
+             f"Values: mean ± sample sd over seeds, then per seed. CPU only.", ""]
     lines += ["| study | budget | arm | test acc | test acc per seed | HV | HV per seed | "
-              "s / run | fine-tune epochs |",
-              "|---|---|---|---:|---|---:|---|---:|---|"]
+              "s / run | fine-tune epochs | kept FLOPs of the pick (compacted) |",
+              "|---|---|---|---:|---|---:|---|---:|---|---|"]
     verdicts = []
     for case in res["cases"]:
         sname, budget, row = case["study"], case["budget"], case["arms"]
@@ -186,7 +190,7 @@ def render(res: dict) -> list[str]:
                          f"| {per_seed([r['test'] for r in rs])} | "
                          + (f"{mean_sd([r['hv'] for r in rs])} | "
                             f"{per_seed([r['hv'] for r in rs])} " if hv_ok else "- | - ")
-                         + f"| {secs:.0f} | {epochs} |")
+                         + f"| {secs:.0f} | {epochs} | {per_seed([r.get('flops') for r in rs])} |")
         acc = {a: statistics.mean(r["test"] if r["test"] is not None else 0.0
                                   for r in row[a][:k]) for a in ARMS}
         parts = []

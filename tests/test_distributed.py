@@ -99,6 +99,7 @@ def test_two_worker_trials_match_one_worker_retry_and_fail_like_it(ray_session, 
     assert any("injected failure of trial 1" in e for e in two["errors"])
     result = tmp_path / "two" / "digits-lenet" / "checkpoints" / "trial-0.dp-result.json"
     assert json.loads(result.read_text())["trial_workers"] == 2
+    assert not list(result.parent.glob("*.rank-*")), "rank 1's scratch copies were removed"
 
     _, t1, s1 = _trial0(tmp_path / "one")
     trials, t2, s2 = _trial0(tmp_path / "two")

@@ -102,6 +102,9 @@ def run_data_parallel(config: dict, ctx: Any, number: int) -> dict:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - sorted below: the trial's own error, or a lost rank
         raise _cause(exc) from None
+    finally:  # the scratch folders of ranks > 0 that were killed before removing their own
+        for scratch in result_file.parent.glob(f"trial-{number}.rank-*"):
+            shutil.rmtree(scratch, ignore_errors=True)
     if not result_file.exists():
         raise RuntimeError(f"data-parallel trial {number} ended without a result")
     return json.loads(result_file.read_text())
@@ -149,10 +152,17 @@ def _rank_main(loop_config: dict) -> None:
         return tune.Checkpoint.from_directory(str(pruned_dir)) if pruned_dir.is_dir() else None
 
     trial._report, trial._get_checkpoint = report, get_checkpoint  # this worker process only
-    # rank 0 writes the trial's checkpoint; the others' copies go to a scratch folder
-    run_ctx = ctx if rank == 0 else dataclasses.replace(
-        ctx, study_dir=tempfile.mkdtemp(prefix="autoprune-rank-"), faults=type(ctx.faults)())
-    final = trial._run(config, run_ctx, number)
+    # rank 0 writes the trial's checkpoint; the others' copies go to a scratch folder beside
+    # it, removed when the rank ends (and by the trial's driver, if the rank was killed)
+    scratch = None if rank == 0 else tempfile.mkdtemp(prefix=f"trial-{number}.rank-{rank}-",
+                                                      dir=pruned_dir.parent)
+    run_ctx = ctx if scratch is None else dataclasses.replace(
+        ctx, study_dir=scratch, faults=type(ctx.faults)())
+    try:
+        final = trial._run(config, run_ctx, number)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if rank == 0:
         tmp = result_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({**final, "trial_workers": int(ctx.trial_workers)}))

@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-root")
     ap.add_argument("--out", default="autoprune-runs/bench-peers")
-    ap.add_argument("--seconds", type=float, help="equal wall-clock budget per arm")
+    ap.add_argument("--seconds", default=None,
+                    help="equal wall-clock budget per arm; several (e.g. 25,60,150) measure "
+                         "each arm's accuracy against fine-tune length")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -244,28 +246,35 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = _parse_limits(args.budget)
     study = load_study(args.study)
+    lengths = [None] if not args.seconds else [float(x) for x in args.seconds.split(",")]
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         wb = Workbench.open(study, args.out, data_root=args.data_root, seed=seed, device="cpu")
         for arm in _arms_for(limits):
-            r = run_arm(arm, wb, limits, seed, args.seconds)
-            r["dense_test_accuracy"] = wb.dense["test_accuracy"]
-            rows.append(r)
-            log.info("%s seed %d: test %.4f flops %.3f params %.3f (%.1fs)", arm, seed,
-                     r["test_accuracy"], r["flops_frac"], r["params_frac"], r["seconds"])
+            for seconds in lengths:
+                r = run_arm(arm, wb, limits, seed, seconds)
+                r["dense_test_accuracy"] = wb.dense["test_accuracy"]
+                if len(lengths) > 1:  # one row per fine-tune length
+                    r["arm"] = f"{arm} {seconds:g}s"
+                rows.append(r)
+                log.info("%s seed %d: test %.4f flops %.3f params %.3f (%.1fs, %g epochs)",
+                         r["arm"], seed, r["test_accuracy"], r["flops_frac"], r["params_frac"],
+                         r["seconds"], r["finetune_epochs"])
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         return 0
     print(f"study {args.study}, budget {args.budget}, seeds {args.seeds}"
-          f"{f', {args.seconds:g} s per arm' if args.seconds else ', study fine-tune'}")
-    print(f"{'arm':<15} {'test mean':>9} {'sd':>7} {'flops':>7} {'params':>7}  per seed")
+          f"{f', {args.seconds} s per arm' if args.seconds else ', study fine-tune'}")
+    print(f"{'arm':<20} {'test mean':>9} {'sd':>7} {'flops':>7} {'params':>7} {'epochs':>7}"
+          f"  per seed")
     for arm in dict.fromkeys(r["arm"] for r in rows):
         rs = [r for r in rows if r["arm"] == arm]
         accs = [r["test_accuracy"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{arm:<15} {statistics.mean(accs):>9.4f} {sd:>7.4f} "
+        print(f"{arm:<20} {statistics.mean(accs):>9.4f} {sd:>7.4f} "
               f"{statistics.mean(r['flops_frac'] for r in rs):>7.3f} "
-              f"{statistics.mean(r['params_frac'] for r in rs):>7.3f}  "
+              f"{statistics.mean(r['params_frac'] for r in rs):>7.3f} "
+              f"{statistics.mean(r['finetune_epochs'] for r in rs):>7.0f}  "
               + " ".join(f"{a:.4f}" for a in accs))
     return 0
 

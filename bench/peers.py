@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = _parse_limits(args.budget)
     study = load_study(args.study)
-    lengths = [None] if not args.seconds else [float(x) for x in args.seconds.split(",")]
+    try:
+        lengths = [None] if not args.seconds else [float(x) for x in args.seconds.split(",")]
+    except ValueError:
+        ap.error(f"--seconds '{args.seconds}' is not a number or a list like 25,60,150")
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         wb = Workbench.open(study, args.out, data_root=args.data_root, seed=seed, device="cpu")

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..graph import ChannelGraph, unit_scores
 from ..pruning.base import n_pruned
-from .projection import KINDS, CostTable, _check_granularity, _ratio, fractions
+from .projection import KINDS, CostTable, _check_granularity, _ratio, fractions, least_passing
 
 if TYPE_CHECKING:
     from ..pipeline import Workbench
@@ -105,14 +105,7 @@ def global_targets(table: CostTable, scores: dict[str, torch.Tensor], limits: di
         return at(0)
     if not ok(total):
         return at(total)  # every layer at its cap
-    lo, hi = 0, total  # invariant: ok(hi) and not ok(lo)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return at(hi)
+    return at(least_passing(ok, 0, total, integer=True))
 
 
 def global_plan(wb: Workbench, plan: TrialPlan, granularity: str, limits: dict[str, float],

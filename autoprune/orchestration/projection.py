@@ -24,7 +24,9 @@ costs every member's output row, its BN/bias entries and every consumer's input 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..flops import Accountant
 from ..pruning.base import n_pruned
@@ -255,13 +257,24 @@ def project(table: CostTable, allocation: dict[str, float], limits: dict[str, fl
         return at(lo)
     if not ok(hi):
         return {n: caps[n] for n in layers}
-    for _ in range(_BISECT_ITERS):  # invariant: ok(hi) and not ok(lo)
+    return at(least_passing(ok, lo, hi))
+
+
+def least_passing(ok: Callable[[Any], bool], lo: float, hi: float, *,
+                  integer: bool = False) -> Any:
+    """Bisection for the edge of a monotone test: given `ok(hi)` and not `ok(lo)`, the
+    smallest passing value to within 1 (`integer`) or `_BISECT_ITERS` halvings. A budget's
+    cost only falls as pruning grows, so every "how much to prune" search here is one."""
+    if integer:
+        lo, hi = int(lo), int(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        return hi
+    for _ in range(_BISECT_ITERS):
         mid = 0.5 * (lo + hi)
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return at(hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
 
 
 def reachable_target(target: float, floor: float, table: CostTable, limits: dict[str, float],

@@ -144,10 +144,17 @@ def test_resume_with_every_finalist_done_repeats_nothing(searched):
 def test_time_matched_finalist_length():
     """By default a finalist fine-tunes for as many epochs as fit in its share of the trial
     stage's time, never fewer than the floor nor more than the ceiling."""
-    from autoprune.orchestration.finalists import finalist_seconds, plan
+    from autoprune.orchestration.finalists import finalist_seconds, pack, plan
 
-    assert finalist_seconds(60.0, k=3, workers=2) == 30.0  # two rounds of finalists
-    assert finalist_seconds(60.0, k=2, workers=2) == 60.0
+    assert finalist_seconds(60.0, k=3, at_once=2) == 30.0  # two rounds of finalists
+    assert finalist_seconds(60.0, k=2, at_once=2) == 60.0
+    # on CPUs every finalist runs at once on a share of the trials' cores, none left idle
+    assert pack(3, workers=2, cpus=1.0, gpus=0.0) == (3, 0.6666)
+    assert 3 * pack(3, 2, 1.0, 0.0)[1] <= 2.0  # (Ray can place all three)
+    assert pack(1, workers=4, cpus=1.0, gpus=0.0) == (1, 4.0)
+    assert pack(2, workers=3, cpus=1.0, gpus=0.0) == (2, 1.0)  # whole CPUs above one
+    assert pack(1, workers=4, cpus=1.0, gpus=0.0, available=2.0) == (1, 2.0)
+    assert pack(3, workers=2, cpus=1.0, gpus=0.5) == (2, 1.0)  # a GPU is not split further
     spec = plan(_rec(0, 0.9, 0.3, 0.3), epochs=12, seconds=30.0, max_epochs=100)
     assert spec.epochs_for(1.0) == 30
     assert spec.epochs_for(10.0) == 12  # the floor

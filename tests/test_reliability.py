@@ -378,8 +378,9 @@ def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
     args = ["--study", STUDY, "--space", space, "--budget", "flops=0.4", "--trials", "3",
             "--workers", "1", "--finalists", "2", "--final-epochs", "3",
             "--out", str(new_out)]
-    # one finalist at a time, 1 s per epoch: the driver dies after the first, during the second
-    driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "1"})
+    # the finalists train at once, trial n's at 2(n + 1) s per epoch: the driver dies after the
+    # first has ended, while the second trains
+    driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "2"})
     try:
         # the first is in Optuna and the second's run is open: kill while it trains (waiting for
         # the first alone could kill in the gap before the second's run opens)

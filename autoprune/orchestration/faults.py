@@ -9,7 +9,9 @@ environment); a trial calls `on_start` and `on_epoch`, which do nothing unless a
                                     fine-tune epoch (a marker file in the study folder makes it
                                     happen only the first time)
     AUTOPRUNE_TEST_RAISE_TRIAL=<n>  trial n raises RuntimeError (every attempt)
-    AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial (and finalist) sleeps s seconds after each epoch
+    AUTOPRUNE_TEST_SLOW_TRIAL=<s>   every trial sleeps s seconds after each epoch; the
+                                    finalist of trial n sleeps s * (n + 1) (finalists run at
+                                    once, and must still end one after another)
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ class Faults:
         if self.raise_trial is not None and self.raise_trial == number:
             raise RuntimeError(f"injected failure of trial {number} (AUTOPRUNE_TEST_RAISE_TRIAL)")
 
-    def on_final_epoch(self) -> None:
-        """After each epoch of a finalist (finalists.py): sleep, so a test can kill the
-        driver during the finalist stage."""
+    def on_final_epoch(self, trial: int) -> None:
+        """After each epoch of the finalist of `trial` (finalists.py): sleep, longer for a
+        later trial, so a test can kill the driver between two finalists' ends."""
         if self.slow_seconds:
-            time.sleep(self.slow_seconds)
+            time.sleep(self.slow_seconds * (max(trial, 0) + 1))
 
     def on_epoch(self, number: int, phase: str, study_dir: str) -> None:
         """After each epoch: sleep, or die like a lost worker would (once, in fine-tuning)."""

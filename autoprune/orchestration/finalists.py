@@ -17,6 +17,7 @@ the rest in their existing MLflow runs (finalist_runs.py).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,13 +69,34 @@ def final_epochs(study: Study, given: int | None) -> int:
     return int(given) if given is not None else EPOCH_FACTOR * int(study.finetune.epochs)
 
 
-def finalist_seconds(trial_seconds: float, k: int, workers: int) -> float:
+def finalist_seconds(trial_seconds: float, k: int, at_once: int) -> float:
     """Each finalist's time when the stage is to last about as long as the trial stage did
-    (`k` finalists, `workers` at a time): half the search explores, half exploits. A short
-    trial stage (tiny studies, where a search's time is mostly start-up) still gives each
-    finalist `final_epochs`."""
-    rounds = -(-max(k, 1) // max(workers, 1))
+    (`k` finalists, `at_once` at a time, see `pack`): half the search explores, half exploits.
+    A short trial stage (tiny studies, where a search's time is mostly start-up) still gives
+    each finalist `final_epochs`."""
+    rounds = -(-max(k, 1) // max(at_once, 1))
     return max(0.0, trial_seconds) / rounds
+
+
+def pack(k: int, workers: int, cpus: float, gpus: float,
+         available: float | None = None) -> tuple[int, float]:
+    """How many of `k` finalists run at once, and the CPUs each is given.
+
+    On CPUs all `k` run at once and share the `workers` x `cpus` the trials had: the stage
+    then uses every core for its whole length. (Run `workers` at a time, a third finalist on
+    2 workers would run alone in a second round with one core idle, and a single finalist on
+    4 workers would use one core of four.) A share of one CPU or more is whole (Ray wants
+    whole numbers above 1, and torch whole threads); below one it is a fraction, cut to
+    Ray's 4 decimals so that `k` of them fit. With GPUs a finalist keeps the trial's
+    CPUs and GPUs, `workers` at a time: a GPU is not split further than the user split it.
+    `available`: the cluster's CPUs, when fewer than `workers` x `cpus` (the trials queued).
+    """
+    k = max(1, k)
+    if gpus > 0:
+        return min(k, max(1, workers)), cpus
+    total = max(1, workers) * cpus
+    share = (total if available is None else min(total, max(available, 1e-4))) / k
+    return k, float(int(share)) if share >= 1 else math.floor(share * 1e4) / 1e4
 
 
 def choose(records: list[TrialRecord], k: int) -> list[TrialRecord]:
@@ -118,18 +140,19 @@ def _epoch_seconds(wb, spec: Finalist, seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
-    """Run one finalist in a Ray worker; its metrics, or `failed` with the error."""
+def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dict[str, Any]:
+    """Run one finalist in a Ray worker (with `cpus` threads' worth of CPU, default the
+    trial's); its metrics, or `failed` with the error."""
     from ..device import set_threads
     from ..pipeline import run_pruning
     from .trial import save_weights, workbench
 
     try:
-        set_threads(ctx.cpus)
+        set_threads(ctx.cpus if cpus is None else cpus)
         wb = workbench(ctx)
 
         def progress(rec: dict) -> None:
-            ctx.faults.on_final_epoch()
+            ctx.faults.on_final_epoch(spec.trial)
 
         seed = ctx.seed + max(spec.trial, 0)
         epochs = spec.epochs if spec.seconds is None else spec.epochs_for(
@@ -149,7 +172,8 @@ def retrain(ctx: TrialContext, spec: Finalist) -> dict[str, Any]:
 def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext, *, k: int,
               epochs: int, workers: int, cpus: float, gpus: float,
               seconds: float | None = None, max_epochs: int | None = None) -> dict[str, Any]:
-    """Retrain the chosen finalists that have no result yet, `workers` at a time.
+    """Retrain the chosen finalists that have no result yet: on CPUs all at once, sharing the
+    `workers` x `cpus` of the trial stage; with GPUs `workers` at a time (`pack`).
 
     `epochs` fixed (`--final-epochs`), or with `seconds` the least of a length that fits in
     `seconds` per finalist (up to `max_epochs`). The time is kept on the study the first time,
@@ -181,22 +205,24 @@ def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext
     summary = {"chosen": [r.trial for r in chosen], "ran": 0, "interrupted": False}
     if not todo:
         return summary
+    at_once, each = pack(len(todo), workers, cpus, gpus,
+                         ray.cluster_resources().get("CPU"))
     length = (f"{todo[0].epochs} fine-tune epochs" if seconds is None else
               f"as many fine-tune epochs as fit in {seconds:.0f} s each (the trial stage's "
               f"time; {todo[0].epochs} to {max_epochs})")
     log.info(f"finalist stage: retraining trial(s) {', '.join(str(f.trial) for f in todo)} "
-             f"with {length}"
+             f"with {length}, {at_once} at a time with {each:g} CPU(s) each"
              + (f" ({len(chosen) - len(todo)} finished before)" if len(chosen) > len(todo)
                 else ""))
-    remote = ray.remote(retrain).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+    remote = ray.remote(retrain).options(num_cpus=each, num_gpus=gpus, max_retries=1)
     ctx_ref = ray.put(ctx)
     waiting, running = list(todo), {}
     try:
         while waiting or running:
-            while waiting and len(running) < max(1, workers):
+            while waiting and len(running) < at_once:
                 spec = waiting.pop(0)
                 runs.start(spec.trial, spec.method, spec.epochs)
-                running[remote.remote(ctx_ref, spec)] = (spec, time.monotonic())
+                running[remote.remote(ctx_ref, spec, each)] = (spec, time.monotonic())
             ready, _ = ray.wait(list(running), num_returns=1)
             spec, t0 = running.pop(ready[0])
             _record(ot_study, runs, spec, ray.get(ready[0]), time.monotonic() - t0)

@@ -34,7 +34,14 @@ from .baselines import baseline_params, enqueue_baselines
 from .cluster import host_port, init_ray, tune_storage
 from .distributed import share_data, trial_resources
 from .faults import Faults
-from .finalists import MAX_FACTOR, final_epochs, finalist_rows, finalist_seconds, run_stage
+from .finalists import (
+    MAX_FACTOR,
+    final_epochs,
+    finalist_rows,
+    finalist_seconds,
+    pack,
+    run_stage,
+)
 from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
 from .resume import (
@@ -236,12 +243,15 @@ def search(opts: SearchOptions) -> dict:
         # --final-epochs fixes the finalists' length; by default the stage lasts about as long
         # as the trial stage (finalists.finalist_seconds), the study's 3x as the least
         # (a resumed stage reuses the time first fixed: run_stage keeps it on the study)
+        # (a data-parallel trial's CPUs go to single-process finalists: pack shares them)
+        final_cpus = opts.cpus_per_trial * opts.trial_workers
         timed = None if opts.final_epochs is not None else finalist_seconds(
-            trial_seconds, opts.finalists, opts.workers)
+            trial_seconds, opts.finalists,
+            pack(opts.finalists, opts.workers, final_cpus, opts.gpus_per_trial)[0])
         if ctx is not None and opts.finalists > 0 and not interrupted:
             stage = run_stage(ot_study, tracker, parent_id, ctx, k=opts.finalists,
                               epochs=final_epochs(study, opts.final_epochs),
-                              workers=opts.workers, cpus=opts.cpus_per_trial,
+                              workers=opts.workers, cpus=final_cpus,
                               gpus=opts.gpus_per_trial, seconds=timed,
                               max_epochs=MAX_FACTOR * int(study.finetune.epochs))
             if stage["interrupted"]:

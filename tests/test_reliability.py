@@ -304,7 +304,10 @@ def test_driver_sigkill_then_resume_finishes_budget(ray_session, new_out, tmp_pa
             "--workers", "2", "--out", str(new_out)]
     driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "2"})
     try:
-        driver.wait_for(completed_in_optuna(new_out, 1))
+        # a trial done, and another one's MLflow run open (a trial is RUNNING in Optuna a
+        # moment before its run is created: killing in that gap leaves no run to end)
+        done_one = completed_in_optuna(new_out, 1)
+        driver.wait_for(lambda: done_one() and _running_runs(new_out, "trial") >= 1)
         driver.proc.send_signal(signal.SIGKILL)
         assert driver.finish() == -signal.SIGKILL
     finally:
@@ -356,8 +359,9 @@ def _finalists_in_optuna(out: Path) -> dict[str, str]:
     return dict(rows)
 
 
-def _running_finalist_runs(out: Path) -> int:
-    """MLflow finalist runs still RUNNING (read-only, so polling never locks the driver out)."""
+def _running_runs(out: Path, role: str) -> int:
+    """MLflow runs of `role` (trial, finalist) still RUNNING (read-only, so polling never
+    locks the driver out)."""
     db = out / "mlflow.db"
     if not db.exists():
         return 0
@@ -365,8 +369,8 @@ def _running_finalist_runs(out: Path) -> int:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
             (n,) = con.execute(
                 "SELECT COUNT(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
-                "WHERE tags.key = 'autoprune.role' AND tags.value = 'finalist' "
-                "AND runs.status = 'RUNNING'").fetchone()
+                "WHERE tags.key = 'autoprune.role' AND tags.value = ? "
+                "AND runs.status = 'RUNNING'", (role,)).fetchone()
     except sqlite3.Error:
         return 0
     return int(n)
@@ -385,7 +389,7 @@ def test_driver_sigkill_during_finalists_then_resume_neither_repeats_nor_loses(
         # the first is in Optuna and the second's run is open: kill while it trains (waiting for
         # the first alone could kill in the gap before the second's run opens)
         driver.wait_for(lambda: len(_finalists_in_optuna(new_out)) >= 1
-                        and _running_finalist_runs(new_out) >= 1, timeout=240)
+                        and _running_runs(new_out, "finalist") >= 1, timeout=240)
         driver.proc.send_signal(signal.SIGKILL)
         assert driver.finish() == -signal.SIGKILL
     finally:

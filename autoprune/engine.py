@@ -38,10 +38,15 @@ class Recipe:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    # multiplies `lr`: a search space can scale each study's own rate (SGD and Adam rates differ
+    # by orders of magnitude, so no absolute range suits every study). Pruned nets recover far
+    # faster at a larger rate than the dense net was fine-tuned with (Le & Hua, ICLR 2021);
+    # measured: LeNet-5 at 71x, 4 epochs, x16 gives 0.961 test against 0.761 at x1.
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "gamma",
-                     "label_smoothing"):
+                     "label_smoothing", "lr_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise UserError(f"recipe {name} must be a number, got {v!r}")
@@ -55,8 +60,8 @@ class Recipe:
         if self.schedule not in ("cosine", "step", "constant"):
             raise UserError(f"recipe schedule must be cosine, step or constant, "
                             f"got '{self.schedule}'")
-        if not (self.epochs >= 0 and self.lr > 0 and self.batch_size > 0):
-            raise UserError("recipe needs epochs >= 0, lr > 0 and batch_size > 0")
+        if not (self.epochs >= 0 and self.lr > 0 and self.batch_size > 0 and self.lr_scale > 0):
+            raise UserError("recipe needs epochs >= 0, lr > 0, lr_scale > 0 and batch_size > 0")
 
     @classmethod
     def from_dict(cls, d: dict | None, **overrides) -> Recipe:
@@ -67,7 +72,10 @@ class Recipe:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["lr_scale"] == 1.0:  # left out at its default: the hashes of studies written
+            del d["lr_scale"]      # before it existed (dense cache, --resume) stay the same
+        return d
 
 
 class TrainHook:
@@ -110,9 +118,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = recipe.lr * recipe.lr_scale
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+        return torch.optim.Adam(params, lr=lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum,
                            weight_decay=recipe.weight_decay, nesterov=recipe.momentum > 0)
 
 
@@ -137,11 +146,12 @@ def cycle_progress(step: int, total: int, restarts: Sequence[int] = ()) -> float
 
 def lr_at(recipe: Recipe, progress: float) -> float:
     """Learning rate at `progress` in [0, 1] of training: a pure function of the recipe."""
+    peak = recipe.lr * recipe.lr_scale
     if recipe.schedule == "cosine":
-        return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if recipe.schedule == "step":
-        return recipe.lr * recipe.gamma ** sum(progress >= m for m in recipe.milestones)
-    return recipe.lr
+        return peak * recipe.gamma ** sum(progress >= m for m in recipe.milestones)
+    return peak
 
 
 def _autocast(device: torch.device):

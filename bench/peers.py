@@ -1,7 +1,7 @@
 """The peers a user would pick instead of autoprune, run on a study's own dense weights.
 
     .venv/bin/python bench/peers.py [--study digits-lenet] [--budget flops=0.4] [--seeds 0,1,2]
-        [--data-root DIR] [--out DIR] [--seconds S] [--json]
+        [--data-root DIR] [--out DIR] [--seconds S] [--lr-scale X] [--json]
 
 Arms (each starts from the same cached dense model the study's `autoprune prune` uses):
 - `tp-global-l2`: Torch-Pruning's `MetaPruner` with `GroupMagnitudeImportance(p=2)` and
@@ -169,8 +169,9 @@ def finetune(model: nn.Module, data, recipe, seed: int, seconds: float | None = 
 
 
 def run_arm(arm: str, wb, limits: dict[str, float], seed: int,
-            seconds: float | None = None) -> dict[str, Any]:
-    """One peer arm on a `Workbench` (dense weights, data, accountant); returns its metrics."""
+            seconds: float | None = None, lr_scale: float = 1.0) -> dict[str, Any]:
+    """One peer arm on a `Workbench` (dense weights, data, accountant); returns its metrics.
+    `lr_scale` multiplies the study's fine-tune rate (a peer given the rate a search found)."""
     from autoprune.engine import evaluate
     from autoprune.pruning.compaction import compact
 
@@ -193,7 +194,8 @@ def run_arm(arm: str, wb, limits: dict[str, float], seed: int,
     else:
         raise ValueError(f"unknown arm {arm!r}")
     left = None if seconds is None else seconds - (time.perf_counter() - t0)
-    epochs = finetune(pruned, data, wb.study.finetune, seed, left)
+    recipe = dataclasses.replace(wb.study.finetune, lr_scale=lr_scale)
+    epochs = finetune(pruned, data, recipe, seed, left)
     pruned = finalise(pruned)
     dense_macs, dense_params = wb.accountant.dense_macs, wb.accountant.dense_params
     c_macs, c_params = _macs_params(compact(pruned, example) if arm.startswith("tnp-")
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", default=None,
                     help="equal wall-clock budget per arm; several (e.g. 25,60,150) measure "
                          "each arm's accuracy against fine-tune length")
+    ap.add_argument("--lr-scale", type=float, default=1.0,
+                    help="multiply the study's fine-tune learning rate (default 1: as is)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         wb = Workbench.open(study, args.out, data_root=args.data_root, seed=seed, device="cpu")
         for arm in _arms_for(limits):
             for seconds in lengths:
-                r = run_arm(arm, wb, limits, seed, seconds)
+                r = run_arm(arm, wb, limits, seed, seconds, args.lr_scale)
                 r["dense_test_accuracy"] = wb.dense["test_accuracy"]
                 if len(lengths) > 1:  # one row per fine-tune length
                     r["arm"] = f"{arm} {seconds:g}s"

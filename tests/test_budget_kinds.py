@@ -68,3 +68,28 @@ def test_baselines_come_from_the_methods_declarations(digits):
         assert p["target"] == 1.0 and f"{p['method']}.granularity" not in p  # fixed: filter
     uniform = [p for p in params if any(v != 0.5 for k, v in p.items() if k.startswith("alloc"))]
     assert len(uniform) == len(declared)
+
+
+def test_baselines_fine_tune_with_the_study_recipe(digits):
+    """The default space searches `finetune.lr_scale`; a hand baseline fine-tunes as a user
+    would by hand, at the study's own rate (x1), and leaves to the sampler a value the space
+    cannot hold."""
+    from autoprune.engine import Recipe
+    from autoprune.flops import Accountant
+    from autoprune.models import build_model
+    from autoprune.orchestration.baselines import baseline_params
+    from autoprune.orchestration.projection import CostTable
+    from autoprune.paths import SPACES_DIR
+
+    model = build_model("lenet-digits", 10, 1, 8)
+    table = CostTable.from_accountant(Accountant(model, digits.example()))
+    layers = list(table.layers)
+    default = SearchSpace.load(SPACES_DIR / "default.yaml").for_budget(structured=True)
+    assert not default.finetune["lr_scale"].fixed
+    recipe = dataclasses.asdict(Recipe(lr=0.02))
+    params = baseline_params(default, table, layers, "filter", recipe)
+    assert params and all(p["finetune.lr_scale"] == 1.0 for p in params)
+    high = SearchSpace.from_dict({"methods": "declared",
+                                  "finetune": {"lr_scale": {"low": 2, "high": 8}}})
+    assert not any("finetune.lr_scale" in p for p in baseline_params(
+        high.for_budget(structured=True), table, layers, "filter", recipe))

@@ -75,6 +75,27 @@ def test_training_is_reproducible(digits):
     assert torch.equal(w[0], w[1])
 
 
+def test_lr_scale_is_a_multiplier_of_the_rate(digits):
+    """`lr_scale` (what the default space searches) trains exactly as the scaled rate would,
+    and a recipe at x1 serialises as before, so existing studies keep their hashes."""
+    r = Recipe(lr=0.1, schedule="step", milestones=[0.5], gamma=0.1, lr_scale=4)
+    assert lr_at(r, 0.0) == pytest.approx(0.4) and lr_at(r, 0.6) == pytest.approx(0.04)
+    assert "lr_scale" not in Recipe(lr=0.1).to_dict()
+    assert Recipe.from_dict(Recipe(lr_scale=2.5).to_dict()).lr_scale == 2.5
+    with pytest.raises(UserError):
+        Recipe(lr_scale=0)
+    sub = digits.subset(train=256)
+    w = []
+    for recipe in (Recipe(epochs=1, lr=0.01, lr_scale=4, batch_size=64),
+                   Recipe(epochs=1, lr=0.04, batch_size=64),
+                   Recipe(epochs=1, lr=0.01, batch_size=64)):
+        torch.manual_seed(0)
+        m = build_model("lenet-digits", 10, 1, 8)
+        train(m, sub, recipe, seed=7)
+        w.append(m.fc2.weight.detach().clone())
+    assert torch.allclose(w[0], w[1]) and not torch.allclose(w[0], w[2])
+
+
 def test_schedules():
     r = Recipe(lr=0.1, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
     assert lr_at(r, 0.0) == pytest.approx(0.1)

@@ -36,12 +36,15 @@ def _fits(dist: Dist, value: Any) -> bool:
 
 
 def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
-                    granularity: str) -> list[dict[str, Any]]:
+                    granularity: str, recipe: dict[str, Any] | None = None
+                    ) -> list[dict[str, Any]]:
     """Optuna parameter sets (names as `SearchSpace.suggest` samples them) of the baselines.
 
     A setting the space cannot express (a hyperparameter fixed to another value, or outside
     its searched range) is skipped. Hyperparameters a setting leaves open take the method's
-    paper default where the space allows it, else the sampler's choice.
+    paper default where the space allows it, else the sampler's choice. Searched fine-tune
+    settings take their values in `recipe` (the study's own fine-tune recipe, what a user runs
+    by hand: `lr_scale` 1) where the space's range holds them.
     """
     keys = space.alloc_keys(layers)
     prior = size_prior(table, [n for n in layers if n in table.layers], granularity)
@@ -63,6 +66,8 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
         return out
 
     split = {"split": "sampled"} if len(space.split) > 1 else {}  # sampled, when a choice
+    hand_ft = {f"finetune.{k}": (recipe or {})[k] for k, d in space.finetune.items()
+               if not d.fixed and k in (recipe or {}) and _fits(d, (recipe or {})[k])}
     glob: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     for method, dists in space.methods.items():
@@ -71,7 +76,7 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
         for setting in cls.baselines:
             if any(hp not in dists or not _fits(dists[hp], v) for hp, v in setting.items()):
                 continue
-            params: dict[str, Any] = {"method": method}
+            params: dict[str, Any] = {"method": method, **hand_ft}
             for hp, dist in dists.items():
                 value = setting.get(hp, defaults[hp])
                 if not dist.fixed and _fits(dist, value):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
@@ -202,7 +202,8 @@ def search(opts: SearchOptions) -> dict:
                 # (after `reconcile`, which fails trials left waiting by a dead driver)
                 table = CostTable.from_accountant(wb.accountant, space.prunable(layers))
                 enqueue_baselines(ot_study, baseline_params(
-                    space, table, layers, "filter" if budget.structured else "weight"),
+                    space, table, layers, "filter" if budget.structured else "weight",
+                    asdict(study.finetune)),
                     limit=remaining // 2)
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=[k for k, _ in OBJECTIVES],

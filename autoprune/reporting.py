@@ -159,9 +159,11 @@ def serve_ui(out: str | Path, host: str = "127.0.0.1", port: int = 5000,
         experiment_id = exp.experiment_id
     proc = start_ui_server(uri, str(out / "mlartifacts"), host, port)
     # SIGTERM (kill, a service manager) stops it like Ctrl-C: the server group goes with it
-    # instead of serving on, orphaned.
+    # instead of serving on, orphaned. SIGINT is set too: a background job of a script
+    # (`autoprune ui &`) inherits SIGINT ignored, and `kill -INT` would then stop nothing.
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         wait_healthy(host, port, proc)
         url = ui_url(host, port, experiment_id)

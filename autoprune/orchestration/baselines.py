@@ -66,8 +66,9 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
         return out
 
     split = {"split": "sampled"} if len(space.split) > 1 else {}  # sampled, when a choice
-    hand_ft = {f"finetune.{k}": (recipe or {})[k] for k, d in space.finetune.items()
-               if not d.fixed and k in (recipe or {}) and _fits(d, (recipe or {})[k])}
+    recipe = recipe or {}
+    hand_ft = {f"finetune.{k}": recipe[k] for k, d in space.finetune.items()
+               if not d.fixed and k in recipe and _fits(d, recipe[k])}
     glob: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     for method, dists in space.methods.items():

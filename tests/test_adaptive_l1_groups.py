@@ -132,3 +132,50 @@ def test_resnet20_coupled_channels_drop_jointly_and_compact_exactly() -> None:
     assert small.layer2[1].conv2.out_channels == 32 - int(d.sum())
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+
+
+# -- granularity "filter": the structured part alone, what a flops= budget needs -------------
+def test_filter_granularity_penalises_and_ranks_only_channels() -> None:
+    model, _, g = _resnet20()
+    with torch.no_grad():  # as above: filter norms rise with the channel, BN scales fall
+        model.layer1[0].conv1.weight.copy_(torch.linspace(0.1, 2.0, 16).view(16, 1, 1, 1) *
+                                           torch.ones_like(model.layer1[0].conv1.weight))
+        model.layer1[0].bn1.weight.copy_(torch.linspace(2.0, 0.1, 16))
+    # Targets count channels: 0.25 of 16 = 4; every finer level and filter_share are ignored.
+    pr = AdaptiveL1(model, {"layer1.0.conv1": 0.25, STREAM2: 0.5}, g, granularity="filter",
+                    levels="filter,kernel,stripe,weight", filter_share=0.0)
+    _start(pr, model)
+    assert set(pr.coef) == {("layer1.0.conv1", "filter"), (STREAM2, "filter")}
+    masks = pr.final_masks()
+    dropped = masks["layer1.0.conv1.weight"].flatten(1).eq(0).all(1)
+    assert dropped.nonzero().flatten().tolist() == [12, 13, 14, 15]  # lowest gamma
+    assert masks["layer1.0.bn1.bias"][12:].eq(0).all()
+    kept = masks["layer1.0.conv1.weight"].flatten(1)[:12]
+    assert kept.eq(1).all()  # no weight inside a live channel is touched
+    stream = masks[f"{STREAM2}.weight"].flatten(1).eq(0).all(1)
+    assert int(stream.sum()) == 16  # half the residual stream's 32 channels ...
+    for name in g.unit(STREAM2).layers:  # ... in every member at once
+        assert torch.equal(masks[f"{name}.weight"].flatten(1).eq(0).all(1), stream), name
+
+
+def test_filter_granularity_meets_channel_targets_and_compacts_a_resnet() -> None:
+    model, x, g = _resnet20()
+    y = torch.randint(0, 10, (24,))
+    data = TensorData(dataset_info("cifar10"), x[:16], y[:16], x[16:], y[16:], x[16:], y[16:])
+    acc = Accountant(model, x[:1], g)
+    targets = {root: 0.5 for root in g.filter_units()}
+    res = prune_and_finetune(model, data, g, "adaptive_l1", targets,
+                             {"epochs": 1.0, "granularity": "filter", "lam0": 1e-2},
+                             Recipe(lr=0.01, batch_size=16), Recipe(epochs=1, lr=0.01,
+                                                                    batch_size=16))
+    dead = g.dead_channels(dict(model.named_parameters()))
+    for root in targets:
+        assert int(dead[root].sum()) == n_pruned(g.unit(root).size, 0.5), root
+    counts = acc.count(model)
+    assert counts.compact_flops_frac < 0.4  # about a quarter of the MACs are left
+    model.eval()
+    small = compact(model, x[:1], g).eval()
+    assert count_dense(small, x[:1])[0] == counts.compact_macs  # real on dense hardware
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-5)
+    assert res.pruner.granularity == "filter"

@@ -18,14 +18,28 @@ def test_flops_budget_keeps_only_filter_methods_fixed_to_filters():
     methods = load_all()
     assert set(restricted.methods) == {n for n, c in methods.items()
                                        if "filter" in c.granularities()}
-    assert "adaptive_l1" not in restricted.methods  # weight targets only: no compacted saving
     for name, dists in restricted.methods.items():
         if any(f.name == "granularity" for f in dataclasses.fields(methods[name].Params)):
             assert dists["granularity"].fixed and dists["granularity"].value == "filter", name
+        # what means nothing at filter granularity is not sampled (it would only add noise)
+        assert not set(dists) & set(methods[name].weight_only_params), name
+    # multi-granularity keeps its structured part: the filter-level penalty and ranking
+    assert "adaptive_l1" in restricted.methods
+    assert {"lam0", "epochs"} <= set(restricted.methods["adaptive_l1"])
+    assert "filter_share" in space.methods["adaptive_l1"]  # searched under weight budgets
 
 
-def test_flops_budget_with_no_filter_method_is_refused():
-    space = SearchSpace.from_dict({"methods": {"adaptive_l1": "declared"}}, "s.yaml")
+def test_flops_budget_with_no_filter_method_is_refused(monkeypatch):
+    from autoprune.pruning.base import METHODS, Pruner
+
+    class WeightsOnly(Pruner):  # a plug-in method that cannot prune whole filters
+        name = "weights_only"
+
+        def final_masks(self):
+            return {}
+
+    monkeypatch.setitem(METHODS, "weights_only", WeightsOnly)
+    space = SearchSpace.from_dict({"methods": {"weights_only": {"epochs": 1.0}}}, "s.yaml")
     with pytest.raises(UserError, match="whole filters") as e:
         space.for_budget(structured=True)
     assert "\n" not in str(e.value)

@@ -293,6 +293,7 @@ def test_adaptive_l1_drops_filters_of_free_layers_as_dead_channels(digits, pretr
     ("asfp", {"epochs": 2.0}),
     ("asfp", {"epochs": 1.0, "asymptotic": False, "norm": 1}),
     ("l0", {"epochs": 1.0, "granularity": "filter"}),
+    ("adaptive_l1", {"epochs": 1.0, "granularity": "filter"}),
 ])
 def test_filter_methods_leave_dead_channels(digits, pretrained, method, params) -> None:
     model = fresh_digits_lenet(pretrained)
@@ -311,6 +312,28 @@ def test_filter_methods_leave_dead_channels(digits, pretrained, method, params) 
     assert acct.count(model).flops_frac <= FILTER_FLOPS_FRAC + 1e-9
     assert FILTER_FLOPS_FRAC == pytest.approx(0.3884, abs=1e-4)
     assert res.history[-1]["val_accuracy"] > 0.5
+
+
+def test_adaptive_l1_filter_phase_shrinks_weak_channels_harder(digits, pretrained) -> None:
+    """The structured part's penalty acts, and adaptively: against the same training with a
+    negligible lambda_0, channels weaker than the median (dense norms) shrink more than strong
+    ones. An inert phase would leave both ratios at 1."""
+    targets = {"conv1": 0.5, "conv2": 0.5, "fc1": 0.5}
+    dense = {n: group_norms(pretrained[f"{n}.weight"], "filter") for n in targets}
+    after = {}
+    for lam0 in (1e-6, 1e-2):
+        torch.manual_seed(1)
+        model = fresh_digits_lenet(pretrained)
+        graph = build_channel_graph(model, digits.example())
+        pr = AdaptiveL1(model, targets, graph, granularity="filter", lam0=lam0, epochs=2.0)
+        train(model, digits, Recipe(epochs=2, lr=0.05, batch_size=64), hooks=[pr])
+        after[lam0] = {n: group_norms(model.get_submodule(n).weight.detach(), "filter")
+                       for n in targets}
+    for n in targets:
+        ratio = after[1e-2][n] / after[1e-6][n]
+        weak = dense[n] < dense[n].median()
+        assert float(ratio[weak].mean()) < 0.95, n
+        assert float(ratio[weak].mean()) < float(ratio[~weak].mean()) - 0.02, n
 
 
 class _ZeroSpy(TrainHook):

@@ -186,6 +186,7 @@ class SearchSpace:
             if "filter" not in cls.granularities():
                 continue
             if any(f.name == "granularity" for f in dataclasses.fields(cls.Params)):
+                dists = {k: d for k, d in dists.items() if k not in cls.weight_only_params}
                 dists = {**dists, "granularity": Dist("fixed", value="filter")}
             methods[name] = dists
         if not methods:

@@ -32,13 +32,21 @@ in network slimming (Liu et al., ICCV 2017): ``lam_c * ||gamma_c||`` (the L2 nor
 unit's BNs; |gamma_c| for one BN), and channels are ranked by that norm at the end. Units
 without BN keep the group L1 of their rows (jointly over the members).
 
-Targets are fractions of each layer's *weights* (granularity "weight"). `final_masks` allocates
-the k = n_pruned(weights, target) removals coarse to fine: whole filters first (the unit's
-channels, as above), then kernels of surviving filters (at most ``kernel_share`` of what is
-left), then stripes of surviving kernels (at most ``stripe_share`` of what is left), and single
-weights by |w| complete k exactly. Dropped channels lose every member's rows, biases and
-BatchNorm entries (`channel_masks`); so does any channel whose rows the finer levels emptied in
-every member (`close_empty_channels`): dead for compaction and credited by the FLOPs count.
+Granularity "filter" is the structured part alone, for `flops=` budgets (single weights and
+kernels inside live channels leave the compacted model's FLOPs whole): targets count each
+unit's channels, only the filter-level penalty runs, and each unit then loses exactly its
+target's lowest-norm channels (on the BN scales where BN follows: adaptive network slimming).
+`filter_share`, `kernel_share`, `stripe_share` and `levels` mean nothing there and a `flops=`
+space leaves them out (`weight_only_params`).
+
+With granularity "weight" (the default), targets are fractions of each layer's *weights*:
+`final_masks` allocates the k = n_pruned(weights, target) removals coarse to fine: whole filters
+first (the unit's channels, as above), then kernels of surviving filters (at most
+``kernel_share`` of what is left), then stripes of surviving kernels (at most ``stripe_share``
+of what is left), and single weights by |w| complete k exactly. Dropped channels lose every
+member's rows, biases and BatchNorm entries (`channel_masks`); so does any channel whose rows
+the finer levels emptied in every member (`close_empty_channels`): dead for compaction and
+credited by the FLOPs count.
 """
 
 from __future__ import annotations
@@ -52,7 +60,16 @@ from torch import nn
 
 from ..errors import UserError
 from ..graph import ChannelGraph, gather_rows
-from .base import Masks, Pruner, channel_masks, close_empty_channels, hp, n_pruned, register
+from .base import (
+    Masks,
+    Pruner,
+    channel_masks,
+    close_empty_channels,
+    filter_masks,
+    hp,
+    n_pruned,
+    register,
+)
 
 LEVELS = ("filter", "kernel", "stripe", "weight")
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -189,7 +206,10 @@ class AdaptiveL1(Pruner):
         "abstract (coarse-to-fine granularities, adaptive L1, dimension-matched layers)",
         "the coefficients are not scaled by each layer's FLOPs share, and groups are not zeroed "
         "by a norm threshold tau: an exact coarse-to-fine allocation meets the targets instead",
+        "granularity=filter (ours, for flops= budgets) keeps only the filter level: adaptive "
+        "group L1 on channels (BN scales where BN follows), then each unit's weakest channels",
     )
+    weight_only_params = ("filter_share", "kernel_share", "stripe_share", "levels")
 
     @dataclasses.dataclass
     class Params:
@@ -207,6 +227,10 @@ class AdaptiveL1(Pruner):
                              "complete the target; 'weight' adds their L1 penalty)")
         epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of regularised training",
                            search=(1.0, 3.0))
+        granularity: str = hp("weight", choices=("weight", "filter"),
+                              doc="weight: targets count a layer's weights, removed coarse to "
+                                  "fine; filter: targets count channels, filter level only "
+                                  "(what a flops= budget needs)")
 
     def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,
                  **params: Any) -> None:
@@ -214,6 +238,8 @@ class AdaptiveL1(Pruner):
         self.enabled = tuple(self.params.levels.split(","))
         if not set(self.enabled) <= set(LEVELS):  # guarded by choices; a clear error anyway
             raise UserError(f"adaptive_l1.levels must be a subset of {','.join(LEVELS)}")
+        if self.granularity == "filter":  # the structured part alone
+            self.enabled = ("filter",)
         # layer -> the root of its filter unit (uncoupled layers are their own root)
         self.unit_of = {n: r for r in graph.filter_units() for n in graph.unit(r).layers}
         # (layer, level) -> lam_g; (root, "filter") for a unit's channels
@@ -226,6 +252,8 @@ class AdaptiveL1(Pruner):
 
     def _filter_units(self) -> list[str]:
         """Units with a filter level: enabled, and every member layer has removals to make."""
+        if self.granularity == "filter":  # targets are keyed by unit root, count channels
+            return [r for r, s in self.targets.items() if n_pruned(self.graph.unit(r).size, s)]
         if "filter" not in self.enabled:
             return []
         return [r for r in dict.fromkeys(self.unit_of.values())
@@ -233,6 +261,8 @@ class AdaptiveL1(Pruner):
 
     def _penalised(self) -> list[tuple[str, str]]:
         out = [(root, "filter") for root in self._filter_units()]
+        if self.granularity == "filter":
+            return out
         for layer in self.targets:
             if self._removals(layer) == 0:
                 continue
@@ -294,7 +324,11 @@ class AdaptiveL1(Pruner):
         return drop_lowest(scores, torch.ones_like(scores, dtype=torch.bool), n)
 
     def final_masks(self) -> Masks:
-        """Coarse-to-fine allocation meeting each layer's weight target exactly."""
+        """Coarse-to-fine allocation meeting each layer's weight target exactly; at filter
+        granularity, each unit's lowest-norm channels, exactly its target's count."""
+        if self.granularity == "filter":
+            scores = {r: self.norms(self.model, r, "filter") for r in self.targets}
+            return filter_masks(self.graph, self.model, self.targets, scores)
         params = dict(self.model.named_parameters())
         p = self.params
         shares = {"filter": p.filter_share, "kernel": p.kernel_share, "stripe": p.stripe_share}

@@ -99,6 +99,9 @@ class Pruner(TrainHook, abc.ABC):
     fixed_granularity: ClassVar[str] = "weight"
     # Hand-tuned uses of the method that every search tries first (`orchestration.baselines`).
     baselines: ClassVar[tuple[dict[str, Any], ...]] = ()
+    # Hyperparameters that only mean something at granularity "weight": a flops= space, which
+    # fixes granularity "filter", leaves them out rather than sample noise (`for_budget`).
+    weight_only_params: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Params:

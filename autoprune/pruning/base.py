@@ -99,8 +99,7 @@ class Pruner(TrainHook, abc.ABC):
     fixed_granularity: ClassVar[str] = "weight"
     # Hand-tuned uses of the method that every search tries first (`orchestration.baselines`).
     baselines: ClassVar[tuple[dict[str, Any], ...]] = ()
-    # Hyperparameters that only mean something at granularity "weight": a flops= space, which
-    # fixes granularity "filter", leaves them out rather than sample noise (`for_budget`).
+    # Meaningless at filter granularity: flops= spaces don't sample them (`for_budget`).
     weight_only_params: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
@@ -127,8 +126,7 @@ class Pruner(TrainHook, abc.ABC):
     # -- what the runner needs -------------------------------------------------------------
     @property
     def granularity(self) -> str:
-        """'weight' or 'filter': what the targets count: the `granularity` hyperparameter where
-        the method has one, else `fixed_granularity`."""
+        """What the targets count: the `granularity` hyperparameter, or `fixed_granularity`."""
         return getattr(self.params, "granularity", self.fixed_granularity)
 
     @classmethod
@@ -136,9 +134,8 @@ class Pruner(TrainHook, abc.ABC):
         """Every granularity the method can prune at. Only 'filter' lowers the compacted model's
         FLOPs: a `flops=` budget keeps the methods offering it (`SearchSpace.for_budget`)."""
         f = {f.name: f for f in dataclasses.fields(cls.Params)}.get("granularity")
-        if f is not None:
-            return tuple(f.metadata.get("choices") or (f.default,))
-        return (cls.fixed_granularity,)
+        return (cls.fixed_granularity,) if f is None else tuple(f.metadata.get("choices")
+                                                                 or (f.default,))
 
     @property
     def prune_epochs(self) -> float:

@@ -13,7 +13,10 @@ from ray.tune.schedulers import TrialScheduler
 from autoprune.orchestration.options import SearchOptions, resume_hint
 from autoprune.orchestration.scheduler import (
     RUNG_KEY,
+    SIZE_KEY,
     STOPPED_ATTR,
+    SizeAwareASHA,
+    continues,
     make_scheduler,
     max_finetune_epochs,
     rung_epoch,
@@ -64,6 +67,9 @@ def test_asha_sees_fine_tune_epochs_of_pruned_models_only(tmp_path, monkeypatch)
     # only fine-tune epochs carry the rung key, the last one not (ASHA stops at max_t)
     assert [r.get(RUNG_KEY) for r in seen] == [None, None, None, 1, 2, None]
     assert all(r["is_final"] is False for r in seen)
+    # each rung report says how much of the budget the plan uses (its projected target)
+    shares = [r[SIZE_KEY] for r in seen if RUNG_KEY in r]
+    assert len(shares) == 2 and 0.55 < shares[0] <= 1.0 + 1e-9 and shares[0] == shares[1]
 
     # Fed to the scheduler of a default search: the prune-phase reports are not compared. A
     # second trial whose near-dense ADMM epochs look far worse is not stopped for them.
@@ -76,7 +82,7 @@ def test_asha_sees_fine_tune_epochs_of_pruned_models_only(tmp_path, monkeypatch)
     for trial, reports in ((a, seen), (b, worse)):
         actions = [sched.on_trial_result(None, trial, r) for r in reports]
         assert actions == [TrialScheduler.CONTINUE] * len(reports)
-    rungs = {m: sorted(rec.values()) for m, rec in sched._brackets[0]._rungs}
+    rungs = {m: sorted(a for a, _ in rec.values()) for m, rec in sched.rungs.items()}
     ft = [r["val_accuracy"] for r in seen if r.get(RUNG_KEY)]
     assert rungs[1] == [ft[0]] * 2 and rungs[2] == [ft[1]] * 2  # fine-tune values only
     # and a trial below the bar at fine-tune epoch 1 is stopped
@@ -84,6 +90,47 @@ def test_asha_sees_fine_tune_epochs_of_pruned_models_only(tmp_path, monkeypatch)
     sched.on_trial_add(None, c)
     low = {**seen[3], "val_accuracy": ft[0] - 0.5}
     assert sched.on_trial_result(None, c, low) == TrialScheduler.STOP
+
+
+def test_a_trial_is_compared_only_with_trials_no_larger_than_it():
+    # Ray's ASHA would stop every one of the smaller trials below: each is less accurate than
+    # the full-budget ones. Here each goes on unless smaller models beat it.
+    full, big_worse = (0.90, 1.0), (0.85, 1.0)
+    assert continues(*full, [])
+    assert not continues(*big_worse, [full])  # equal size: the classic rule
+    assert continues(0.80, 0.70, [full, big_worse])  # nothing as small: goes on
+    assert continues(0.70, 0.65, [full, big_worse, (0.80, 0.70)])
+    assert not continues(0.75, 0.72, [full, (0.80, 0.70)])  # a smaller one is more accurate
+    assert continues(0.75, 0.72, [full, (0.70, 0.70), (0.60, 0.50)])  # it beats the smaller
+    # a full-budget trial is compared with all: beaten by half of them, it stops
+    assert not continues(0.79, 1.0, [full, (0.80, 0.70), (0.60, 0.50)])
+    assert continues(0.85, 0.999, [(0.85, 1.0), (0.80, 1.0)])  # equal within the tolerance
+
+
+def test_size_aware_asha_stops_the_dominated_and_keeps_the_front():
+    sched = SizeAwareASHA(max_t=4)
+    results = {"a": (0.90, 1.0), "b": (0.85, 1.0), "c": (0.80, 0.7), "d": (0.75, 0.72)}
+    actions = {}
+    for tid, (acc, share) in results.items():
+        t = SimpleNamespace(trial_id=tid)
+        sched.on_trial_add(None, t)
+        actions[tid] = sched.on_trial_result(None, t, {RUNG_KEY: 1, "val_accuracy": acc,
+                                                       SIZE_KEY: share})
+    assert actions == {"a": TrialScheduler.CONTINUE, "b": TrialScheduler.STOP,
+                       "c": TrialScheduler.CONTINUE, "d": TrialScheduler.STOP}
+    assert sched.stopped == 2 and set(sched.rungs[1]) == set(results)
+    # judged once per rung: a's second report at epoch 1 is not compared again
+    a = SimpleNamespace(trial_id="a")
+    assert sched.on_trial_result(None, a, {RUNG_KEY: 1, "val_accuracy": 0.0,
+                                           SIZE_KEY: 1.0}) == TrialScheduler.CONTINUE
+    # at the next rung the survivors meet again: c, smaller, goes on though less accurate
+    assert sched.on_trial_result(None, a, {RUNG_KEY: 2, "val_accuracy": 0.91,
+                                           SIZE_KEY: 1.0}) == TrialScheduler.CONTINUE
+    c = SimpleNamespace(trial_id="c")
+    assert sched.on_trial_result(None, c, {RUNG_KEY: 2, "val_accuracy": 0.82,
+                                           SIZE_KEY: 0.7}) == TrialScheduler.CONTINUE
+    # results without the rung key (prune phase, final result) are never compared
+    assert sched.on_trial_result(None, c, {"val_accuracy": 0.0}) == TrialScheduler.CONTINUE
 
 
 def test_rungs_leave_out_infeasible_trials_and_last_epochs():
@@ -105,7 +152,8 @@ def test_max_t_covers_the_longest_searched_fine_tune():
     # one fine-tune epoch (or none): nothing to compare, no scheduler, no crash
     assert make_scheduler("asha", 1) is None and make_scheduler("asha", 0) is None
     assert make_scheduler("none", 8) is None
-    assert make_scheduler("asha", 8)._max_t == 8
+    assert make_scheduler("asha", 8).max_t == 8
+    assert sorted(make_scheduler("asha", 8).rungs) == [1, 2, 4]  # never at max_t itself
     assert make_scheduler("asha", 8, trial_workers=2) is None  # data-parallel: off
 
 

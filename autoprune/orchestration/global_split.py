@@ -33,7 +33,7 @@ from torch import nn
 
 from ..graph import ChannelGraph, unit_scores
 from ..pruning.base import n_pruned
-from .projection import KINDS, CostTable, _check_granularity, _ratio, fractions, least_passing
+from .projection import KINDS, CostTable, _check_granularity, budget_share, fractions, least_passing
 
 if TYPE_CHECKING:
     from ..pipeline import Workbench
@@ -99,7 +99,7 @@ def global_targets(table: CostTable, scores: dict[str, torch.Tensor], limits: di
         return {n: int(ki) / s for n, ki, s in zip(names, k.tolist(), sizes, strict=True)}
 
     def ok(m: int) -> bool:
-        return _ratio(fractions(table, at(m), granularity), limits) <= target
+        return budget_share(fractions(table, at(m), granularity), limits) <= target
 
     if ok(0):
         return at(0)

@@ -188,7 +188,9 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def _ratio(fracs: dict[str, float], limits: dict[str, float]) -> float:
+def budget_share(fracs: dict[str, float], limits: dict[str, float]) -> float:
+    """The share of the budget a model uses: its largest kept fraction over that kind's limit
+    (1.0 at the budget; a trial's `target` once projected)."""
     return max(fracs[k] / v for k, v in limits.items())
 
 
@@ -250,7 +252,7 @@ def project(table: CostTable, allocation: dict[str, float], limits: dict[str, fl
         return {n: min(_sigmoid(logits[n] + shift), caps[n]) for n in layers}
 
     def ok(shift: float) -> bool:
-        return _ratio(fractions(table, at(shift), granularity), limits) <= target
+        return budget_share(fractions(table, at(shift), granularity), limits) <= target
 
     lo, hi = -_SHIFT_RANGE, _SHIFT_RANGE
     if ok(lo):
@@ -288,7 +290,7 @@ def reachable_target(target: float, floor: float, table: CostTable, limits: dict
     the sampled value keeps its order and meaning ("how far below the budget"), and no two
     targets collapse onto one plan. A budget out of reach entirely (reach > 1) is left alone.
     """
-    reach = _ratio(min_reachable(table, granularity, max_sparsity), limits)
+    reach = budget_share(min_reachable(table, granularity, max_sparsity), limits)
     if reach <= floor or reach >= 1.0 or floor >= 1.0:
         return target
     return reach + (target - floor) * (1.0 - reach) / (1.0 - floor)

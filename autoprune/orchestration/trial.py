@@ -41,13 +41,14 @@ from .faults import Faults
 from .global_split import global_plan
 from .projection import (
     CostTable,
+    budget_share,
     fractions,
     project,
     reachable_target,
     size_prior,
     with_prior,
 )
-from .scheduler import RUNG_KEY, rung_epoch
+from .scheduler import RUNG_KEY, SIZE_KEY, rung_epoch
 from .searcher import TRIAL_NUMBER_KEY
 from .space import SearchSpace
 
@@ -219,6 +220,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
 
     ft_epochs = float(plan.finetune.get("epochs", wb.study.finetune.epochs))
     feasible = budget.satisfied(planned)
+    share = budget_share(planned, budget.limits)  # ASHA compares it with no larger trials only
 
     def progress(rec: dict) -> None:
         # Intermediate reports are never final results. ASHA compares trials only on the
@@ -229,7 +231,7 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
                    "is_final": False}
         k = rung_epoch(rec, ft_epochs, feasible)
         if k is not None:
-            metrics[RUNG_KEY] = k
+            metrics[RUNG_KEY], metrics[SIZE_KEY] = k, share
         _report(metrics)
         ctx.faults.on_epoch(number, rec.get("phase"), ctx.study_dir)
 

@@ -36,6 +36,7 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from ..errors import UserError
+from ..names import VAL_ACC
 
 RUNG_KEY = "finetune_epoch"  # the ASHA time attribute: fine-tune epochs done (1-based)
 STOPPED_ATTR = "stopped_at_finetune_epoch"  # Optuna user attr of a trial ASHA stopped
@@ -101,19 +102,19 @@ class SizeAwareASHA(FIFOScheduler):
     """
 
     def __init__(self, max_t: int, grace_period: int = 1,
-                 reduction_factor: float = REDUCTION_FACTOR, metric: str = "val_accuracy"):
+                 reduction_factor: float = REDUCTION_FACTOR):
         super().__init__()
-        self.max_t, self.reduction_factor, self.acc_key = max_t, reduction_factor, metric
+        self.max_t, self.reduction_factor = max_t, reduction_factor
         milestones, m = [], grace_period
         while m < max_t:
             milestones.append(m)
-            m = int(round(m * reduction_factor))
+            m = max(m + 1, int(round(m * reduction_factor)))
         # milestone -> {trial_id: (accuracy, share)}
         self.rungs: dict[int, dict[str, tuple[float, float]]] = {m: {} for m in milestones}
         self.stopped = 0
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        epoch, acc = result.get(RUNG_KEY), result.get(self.acc_key)
+        epoch, acc = result.get(RUNG_KEY), result.get(VAL_ACC)
         if epoch is None or acc is None:
             return TrialScheduler.CONTINUE
         share = float(result.get(SIZE_KEY, 1.0))

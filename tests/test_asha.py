@@ -64,7 +64,7 @@ def test_asha_sees_fine_tune_epochs_of_pruned_models_only(tmp_path, monkeypatch)
     seen = _reports(tmp_path, monkeypatch)
     phases = [r["phase"] for r in seen]
     assert phases == ["prune", "prune", "pruned", "finetune", "finetune", "finetune"]
-    # only fine-tune epochs carry the rung key, the last one not (ASHA stops at max_t)
+    # only fine-tune epochs carry the rung key, the last one not (it has nothing left to save)
     assert [r.get(RUNG_KEY) for r in seen] == [None, None, None, 1, 2, None]
     assert all(r["is_final"] is False for r in seen)
     # each rung report says how much of the budget the plan uses (its projected target)

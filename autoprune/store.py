@@ -20,6 +20,7 @@ from .record import TrialRecord
 SQLITE = "sqlite:///"
 PARENT_ATTR = "mlflow_parent_run_id"  # Optuna study attr: the MLflow parent run of the search
 KILLED_ATTR = "killed"  # Optuna trial attr: stopped by an interrupted or dead driver
+RUNGS_ATTR = "rungs"  # Optuna trial attr: {fine-tune epoch: [val accuracy, budget share]}
 # Optuna *study* attr prefix: "finalist.<trial>" holds that trial's finalist result. On the
 # study, not the trial: Optuna refuses to change a finished trial.
 FINALIST_PREFIX = "finalist."
@@ -99,6 +100,19 @@ def finalist_results(ot_study: Any) -> dict[int, dict[str, Any]]:
 def trial_points(ot_study: Any) -> list[dict]:
     """`trial_records` as plain dicts (what the front, `--json` and the tables show)."""
     return [r.as_point() for r in trial_records(ot_study)]
+
+
+def rung_history(ot_study: Any) -> list[dict[int, tuple[float, float]]]:
+    """The ASHA rung results of every trial that recorded some (`RUNGS_ATTR`, written by the
+    searcher): {fine-tune epoch: (val accuracy, budget share)} per trial, in trial order.
+    What a resumed search's scheduler starts from (`SizeAwareASHA.restore`)."""
+    out = []
+    for t in ot_study.get_trials(deepcopy=False):
+        rungs = t.user_attrs.get(RUNGS_ATTR)
+        if isinstance(rungs, dict) and rungs:
+            out.append({int(k): (float(v[0]), float(v[1])) for k, v in rungs.items()
+                        if str(k).isdigit() and isinstance(v, list) and len(v) == 2})
+    return out
 
 
 def parent_run_id(ot_study: Any) -> str | None:

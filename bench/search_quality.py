@@ -3,7 +3,8 @@ hand baseline and the peer a user would pick instead.
 
     .venv/bin/python bench/search_quality.py [--quick] [--data-root DIR] [--seeds 0,1,2]
         [--studies digits-lenet,lenet5-mnist,fashion-lenet5] [--trials N] [--subset 10000]
-        [--finalists 3] [--final-epochs N] [--out DIR] [--update-docs] [--render RESULTS_JSON]
+        [--finalists 3] [--final-epochs N] [--arms tpe,random,uniform,peer] [--time-limit 14m]
+        [--out DIR] [--update-docs] [--render RESULTS_JSON]
 
 Rows (issue 12): digits flops=0.4 and params=0.05; LeNet-5/MNIST weights=0.01405 (the ADMM
 paper's 71.2x) and weights=0.00281 (RADMM's 355.9x); Fashion-MNIST LeNet-5 flops=0.4. For every
@@ -26,7 +27,9 @@ Time: the MNIST-family studies train on the first `--subset` training images (de
 0: all 54,000) so that the full run fits in hours, not days, on 2 cores; val and test sets are
 the full ones, and the output says so. `--quick`: digits flops=0.4 only, one seed, 8 trials.
 Raw results are saved to <out>/results.json after every run; `--render` prints (and with
-`--update-docs` files) their table again. CPU only.
+`--update-docs` files) their table again. CPU only. `--arms` runs only some arms (the search
+always: its W is the others' budget); `--time-limit` bounds each search's trial stage (the
+papers' targets are "in <= 1 CPU-hour": `--subset 0 --time-limit 14m` keeps W near 30 min).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def study_file(name: str, root: Path, subset: int) -> Path:
 
 def run_search(study_path: Path, study_name: str, budget: str, sampler: str, seed: int,
                trials: int, workers: int, out: Path, data_root: str | None,
-               dense_ckpt: str, finalists: int, final_epochs: int | None) -> dict:
+               dense_ckpt: str, finalists: int, final_epochs: int | None,
+               time_limit: float | None = None) -> dict:
     """One search; returns its hypervolume, best in-budget pick and timing."""
     import optuna
 
@@ -99,7 +103,8 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
     opts = SearchOptions(study=str(study_path), budget=budget, trials=trials, workers=workers,
                          cpus_per_trial=1.0, sampler=sampler, seed=seed, out=str(out),
                          data_root=data_root, dense_checkpoint=dense_ckpt,
-                         finalists=finalists, final_epochs=final_epochs)
+                         finalists=finalists, final_epochs=final_epochs,
+                         time_limit=time_limit)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # Ray Tune's banners; stdout is the table
         summary = search(opts)
@@ -174,13 +179,14 @@ def render(res: dict) -> list[str]:
     verdicts = []
     for case in res["cases"]:
         sname, budget, row = case["study"], case["budget"], case["arms"]
-        k = min(len(row[a]) for a in ARMS)
+        arms = [a for a in ARMS if a in res.get("arms", ARMS)]
+        k = min(len(row[a]) for a in arms)
         if k == 0:
             continue  # an interrupted run: this case has no complete set of arms
         # HV is over (val, compacted flops, params): a weight-level model keeps flops_frac 1.0,
         # so under params=/weights= budgets HV says only whether filter trials were found
         hv_ok = "flops" in budget.replace("sparse_flops", "")
-        for arm in ARMS:
+        for arm in arms:
             rs = row[arm][:k]
             secs = statistics.mean(r["seconds"] for r in rs)
             label = ARM_LABEL[arm] + (f" ({rs[0]['method']})" if arm in ("uniform", "peer")
@@ -192,17 +198,18 @@ def render(res: dict) -> list[str]:
                             f"{per_seed([r['hv'] for r in rs])} " if hv_ok else "- | - ")
                          + f"| {secs:.0f} | {epochs} | {per_seed([r.get('flops') for r in rs])} |")
         acc = {a: statistics.mean(r["test"] if r["test"] is not None else 0.0
-                                  for r in row[a][:k]) for a in ARMS}
+                                  for r in row[a][:k]) for a in arms}
         parts = []
-        for other in ("random", "uniform", "peer"):
+        for other in arms[1:]:
             wins = sum((t["test"] or 0) > (o["test"] or 0)
                        for t, o in zip(row["tpe"][:k], row[other][:k], strict=True))
             beaten = "beaten" if acc["tpe"] > acc[other] else "NOT beaten"
             parts.append(f"{other} {acc[other]:.4f} ({beaten}, {wins}/{k} seeds)")
         hv_t = statistics.mean(r["hv"] for r in row["tpe"][:k])
-        hv_r = statistics.mean(r["hv"] for r in row["random"][:k])
+        hv_r = statistics.mean(r["hv"] for r in row["random"][:k]) if "random" in arms else None
         verdicts.append(f"- {sname} {budget}: search {acc['tpe']:.4f} vs " + "; ".join(parts)
-                        + (f"; HV search {hv_t:.4f} vs random {hv_r:.4f}" if hv_ok else ""))
+                        + (f"; HV search {hv_t:.4f} vs random {hv_r:.4f}"
+                           if hv_ok and hv_r is not None else ""))
         picks = [f"trial {r['best_trial']} {r['method']}"
                  + (f" (finalist; {r['best_search_test']:.4f} at search time)"
                     if r.get("best_finalist") and r.get("best_search_test") is not None else "")
@@ -256,6 +263,12 @@ def main() -> int:
                     help="digits flops=0.4 only, 1 seed, 8 trials")
     ap.add_argument("--budgets", default=None,
                     help="only these budgets of the studies (comma-separated, e.g. flops=0.4)")
+    ap.add_argument("--arms", default=",".join(ARMS),
+                    help="arms to run: tpe (always: the others get its wall-clock), random, "
+                         "uniform, peer")
+    ap.add_argument("--time-limit", default=None,
+                    help="each search's --time-limit (e.g. 13m): its trial stage stops "
+                         "starting trials then; the finalist stage follows")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="only print (and with --update-docs file) the table of a saved run")
     ap.add_argument("--update-docs", action="store_true",
@@ -273,6 +286,16 @@ def main() -> int:
         ap.error(f"--studies: no budgets defined for {', '.join(unknown)} "
                  f"(known: {', '.join(BUDGETS)})")
     seeds = [int(s) for s in args.seeds.split(",")]
+    arms = [a for a in ARMS if a in args.arms.split(",")]
+    if "tpe" not in arms or len(arms) != len(set(filter(None, args.arms.split(",")))):
+        ap.error(f"--arms: a comma-separated subset of {', '.join(ARMS)} that includes tpe")
+    from autoprune.errors import UserError
+    from autoprune.orchestration.options import parse_duration
+
+    try:
+        time_limit = parse_duration(args.time_limit)
+    except UserError as exc:
+        ap.error(str(exc))
     root = Path(args.out or f"autoprune-runs/bench-search-quality-{int(time.time())}").resolve()
     if root.exists() and any(root.iterdir()):
         ap.error(f"--out {root} is not empty: a search refuses to reuse a study folder")
@@ -287,9 +310,16 @@ def main() -> int:
     # Everything the table needs, saved after every run: a crash or Ctrl-C loses nothing, and
     # `--render <out>/results.json` prints (or files) what was measured.
     res = {"quick": args.quick, "seeds": seeds, "workers": args.workers, "notes": [],
+           "arms": arms, "time_limit": time_limit,
            "cases": [], "command": report.command_line(), "machine": report.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_start": report.load(),
            "load_end": None, "seconds": 0.0}
+    if time_limit:
+        res["notes"].append(f"Each search ran with --time-limit {args.time_limit}: its trial stage "
+                            f"started no trial after that; the finalist stage followed it.")
+    if len(arms) < len(ARMS):
+        res["notes"].append(f"Arms run: {', '.join(ARM_LABEL[a] for a in arms)} (--arms); "
+                            f"the others were not run.")
     saved = root / "results.json"
     t_start = time.perf_counter()
 
@@ -322,10 +352,11 @@ def main() -> int:
             for budget, case in cases.items():
                 row = case["arms"]
                 slug = budget.replace("=", "").replace(",", "-")
-                for sampler in ("tpe", "random"):
+                for sampler in [a for a in ("tpe", "random") if a in arms]:
                     out = root / f"{st.name}-{slug}-{sampler}-s{seed}"
                     r = run_search(path, st.name, budget, sampler, seed, n, args.workers, out,
-                                   args.data_root, ckpt, args.finalists, args.final_epochs)
+                                   args.data_root, ckpt, args.finalists, args.final_epochs,
+                                   time_limit)
                     r["trials"] = n
                     row[sampler].append(r)
                     save()
@@ -333,7 +364,7 @@ def main() -> int:
                          f"{r['test']} ({r['method']}), {r['seconds']:.0f} s "
                          f"[{time.perf_counter() - t_start:.0f} s total]")
                 wall = row["tpe"][-1]["seconds"]  # every hand arm gets the search's time
-                for kind in ("uniform", "peer"):
+                for kind in [a for a in ("uniform", "peer") if a in arms]:
                     r = run_fixed(kind, wb, budget, seed, wall)
                     r["trials"] = 1
                     row[kind].append(r)

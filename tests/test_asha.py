@@ -10,6 +10,7 @@ import optuna
 from mlflow import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
+from autoprune import store
 from autoprune.orchestration.options import SearchOptions, resume_hint
 from autoprune.orchestration.scheduler import (
     RUNG_KEY,
@@ -210,6 +211,30 @@ sparsity:
 """
 
 
+def test_a_resumed_scheduler_compares_new_trials_with_the_earlier_ones():
+    # what a resumed search's ASHA starts from: the rung results its first run recorded
+    history = [{1: (0.90, 1.0), 2: (0.92, 1.0)}, {1: (0.85, 0.7)}, {3: (0.5, 0.5)}]
+    fresh, resumed = SizeAwareASHA(max_t=4), SizeAwareASHA(max_t=4)
+    assert resumed.restore(history) == 2  # epoch 3 is no rung below max_t=4
+    assert len(resumed.rungs[1]) == 2 and len(resumed.rungs[2]) == 1
+    new = SimpleNamespace(trial_id="new")
+    result = {RUNG_KEY: 1, "val_accuracy": 0.80, SIZE_KEY: 0.72}
+    assert fresh.on_trial_result(None, new, result) == TrialScheduler.CONTINUE
+    # an earlier trial no larger than it (0.7 of the budget) was more accurate: it stops
+    assert resumed.on_trial_result(None, new, result) == TrialScheduler.STOP
+
+
+def test_rung_history_reads_what_trials_recorded():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for attrs in ({store.RUNGS_ATTR: {"1": [0.9, 1.0], "2": [0.93, 1.0]}}, {},
+                  {store.RUNGS_ATTR: {"1": [0.7, 0.6]}}):
+        t = study.ask()
+        for k, v in attrs.items():
+            t.set_user_attr(k, v)
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    assert store.rung_history(study) == [{1: (0.9, 1.0), 2: (0.93, 1.0)}, {1: (0.7, 0.6)}]
+
+
 def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
     from autoprune.orchestration.orchestrator import search
 
@@ -254,12 +279,33 @@ def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
         assert r.data.tags.get("autoprune.pareto") != "true"
         curve = client.get_metric_history(r.info.run_id, "finetune/val_accuracy")
         assert len(curve) == k  # its fine-tune curve, up to the epoch it was stopped at
+        # Optuna keeps the rung results a resumed search's ASHA starts from, the stopping
+        # one included (Tune hands that one to the searcher only as the trial's end)
+        rungs = t.user_attrs[store.RUNGS_ATTR]
+        assert sorted(int(e) for e in rungs) == list(range(1, k + 1))
+        assert [rungs[str(e)][0] for e in range(1, k + 1)] == \
+            [m.value for m in sorted(curve, key=lambda m: m.step)]
     finished = [r for r in runs.values() if r.info.status == "FINISHED"]
     assert len(finished) == summary["trials_completed"]
     assert all("autoprune.stopped_early" not in r.data.tags for r in finished)
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["trials_stopped_early"] == len(pruned)
     assert json.loads(json.dumps(summary["pareto"]))  # the front is there
+
+    # resumed for 2 more trials, its ASHA starts from every earlier trial's rungs
+    earlier = len(store.rung_history(study))
+    assert earlier >= len(pruned)
+    lines.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        search(SearchOptions(study="digits-lenet", space=str(space), budget="flops=0.4",
+                             trials=10, workers=1, out=str(tmp_path / "runs"), seed=0,
+                             baselines=False, finalists=0, resume=True))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert f"ASHA starts from the rung results of {earlier} earlier trial(s)" in lines
 
 
 def test_reconcile_records_a_stopped_trial_as_stopped_not_interrupted(tmp_path):

@@ -212,6 +212,10 @@ def search(opts: SearchOptions) -> dict:
             # ASHA compares pruned models at equal fine-tune epochs, never prune phases
             scheduler = make_scheduler(opts.scheduler, max_finetune_epochs(
                 study.finetune.epochs, space.finetune.get("epochs")), opts.trial_workers)
+            if done and scheduler is not None:  # resumed: compare with the earlier trials too
+                n_old = scheduler.restore(store.rung_history(ot_study))
+                if n_old:
+                    log.info(f"ASHA starts from the rung results of {n_old} earlier trial(s)")
             resources = trial_resources(opts)
             trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
             tracking_cb = TrackingCallback(tracker, parent_id)

@@ -24,6 +24,9 @@ multi-objective ASHA, Schmucker et al. 2021), with one comparison rule a user ca
 
 A stopped trial is told to Optuna as PRUNED (searcher.py) with `STOPPED_ATTR`, the fine-tune
 epoch it was stopped at, and its MLflow run ends KILLED with a note saying so (`stop_note`).
+Every rung result is also kept on its Optuna trial (`store.RUNGS_ATTR`), so that a resumed search
+compares its new trials with the old ones (`SizeAwareASHA.restore`) instead of letting every
+new trial through until the rungs fill again.
 """
 
 from __future__ import annotations
@@ -130,6 +133,21 @@ class SizeAwareASHA(FIFOScheduler):
                 return TrialScheduler.STOP
             break
         return TrialScheduler.CONTINUE
+
+    def restore(self, history: list[dict[int, tuple[float, float]]]) -> int:
+        """Record the rung results of an earlier run of this search (`store.rung_history`:
+        one {fine-tune epoch: (accuracy, share)} per old trial), as if those trials had just
+        reached them; returns how many old trials were recorded."""
+        n = 0
+        for i, rungs in enumerate(history):
+            hit = False
+            for milestone, recorded in self.rungs.items():
+                if milestone in rungs:
+                    acc, share = rungs[milestone]
+                    recorded[f"earlier-{i}"] = (float(acc), float(share))
+                    hit = True
+            n += hit
+        return n
 
     def debug_string(self) -> str:
         seen = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.rungs.items()))

@@ -6,7 +6,9 @@ Three things Ray's class does not do (see STACK_NOTES.md):
 - tell a trial that a scheduler stopped early as PRUNED, not COMPLETE with truncated values (a
   trial's final report carries `is_final`), and a trial that reported failure as FAIL;
 - put the Optuna trial number into the config, so that the driver, MLflow and Optuna agree on
-  which trial is which (the MLflow child run is keyed by it).
+  which trial is which (the MLflow child run is keyed by it);
+- keep each rung result on the Optuna trial (`RUNGS_ATTR`; Optuna takes no intermediate
+  values for several objectives), so that a resumed search's ASHA starts from them.
 
 Ray offers no public access to the Optuna trial behind a Tune trial, so this subclass uses
 OptunaSearch's own `_ot_trials`, `_ot_study` and `_completed_trials` (checked against Ray 2.60).
@@ -19,8 +21,10 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from ..names import VAL_ACC
 from ..record import TrialRecord
-from .scheduler import RUNG_KEY, STOPPED_ATTR
+from ..store import RUNGS_ATTR
+from .scheduler import RUNG_KEY, SIZE_KEY, STOPPED_ATTR
 
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
@@ -34,6 +38,22 @@ class PruningSearch(OptunaSearch):
         if config is not None:
             config[TRIAL_NUMBER_KEY] = self._ot_trials[trial_id].number
         return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # (Ray's own method does nothing for several objectives.) Tune calls this only for
+        # results its scheduler let through; a stopping one reaches `on_trial_complete`.
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._keep_rung(trial_id, result)
+
+    def _keep_rung(self, trial_id: str, result: dict) -> None:
+        """Add a rung result (one with `RUNG_KEY`) to the trial's `RUNGS_ATTR`."""
+        if RUNG_KEY not in result or VAL_ACC not in result:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        rungs = dict(ot_trial.user_attrs.get(RUNGS_ATTR, {}))
+        rungs[str(int(result[RUNG_KEY]))] = [float(result[VAL_ACC]),
+                                             float(result.get(SIZE_KEY, 1.0))]
+        ot_trial.set_user_attr(RUNGS_ATTR, rungs)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -52,6 +72,7 @@ class PruningSearch(OptunaSearch):
             # TPE counts a PRUNED trial among the worse ones, never as a point of the front.
             if not error and result and RUNG_KEY in result:
                 ot_trial.set_user_attr(STOPPED_ATTR, int(result[RUNG_KEY]))
+                self._keep_rung(trial_id, result)
             self._tell(trial_id, None, TrialState.FAIL if error else TrialState.PRUNED)
             return
         violation = float(result.get("budget_violation", 0.0))

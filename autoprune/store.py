@@ -103,11 +103,15 @@ def trial_points(ot_study: Any) -> list[dict]:
 
 
 def rung_history(ot_study: Any) -> list[dict[int, tuple[float, float]]]:
-    """The ASHA rung results of every trial that recorded some (`RUNGS_ATTR`, written by the
-    searcher): {fine-tune epoch: (val accuracy, budget share)} per trial, in trial order.
-    What a resumed search's scheduler starts from (`SizeAwareASHA.restore`)."""
+    """The ASHA rung results of every completed or stopped trial that recorded some
+    (`RUNGS_ATTR`, written by the searcher): {fine-tune epoch: (val accuracy, budget share)} per
+    trial, in trial order. What a resumed search's scheduler starts from
+    (`SizeAwareASHA.restore`). Failed and killed trials are left out: a resumed search runs
+    killed ones again, and they must not be compared with their own first attempt."""
+    from optuna.trial import TrialState
+
     out = []
-    for t in ot_study.get_trials(deepcopy=False):
+    for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         rungs = t.user_attrs.get(RUNGS_ATTR)
         if isinstance(rungs, dict) and rungs:
             out.append({int(k): (float(v[0]), float(v[1])) for k, v in rungs.items()

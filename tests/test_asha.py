@@ -226,12 +226,16 @@ def test_a_resumed_scheduler_compares_new_trials_with_the_earlier_ones():
 
 def test_rung_history_reads_what_trials_recorded():
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for attrs in ({store.RUNGS_ATTR: {"1": [0.9, 1.0], "2": [0.93, 1.0]}}, {},
-                  {store.RUNGS_ATTR: {"1": [0.7, 0.6]}}):
+    pruned, failed = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+    for attrs, state in (({store.RUNGS_ATTR: {"1": [0.9, 1.0], "2": [0.93, 1.0]}}, pruned),
+                         ({}, pruned), ({store.RUNGS_ATTR: {"1": [0.7, 0.6]}}, pruned),
+                         # killed mid-run: a resumed search runs it again, so it is left out
+                         ({store.RUNGS_ATTR: {"1": [0.99, 0.5]}, store.KILLED_ATTR: True},
+                          failed)):
         t = study.ask()
         for k, v in attrs.items():
             t.set_user_attr(k, v)
-        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        study.tell(t, state=state)
     assert store.rung_history(study) == [{1: (0.9, 1.0), 2: (0.93, 1.0)}, {1: (0.7, 0.6)}]
 
 

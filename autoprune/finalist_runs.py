@@ -56,7 +56,8 @@ class FinalistRuns:
         return self._trials.get(trial)
 
     def start(self, trial: int, method: str, epochs: int) -> str:
-        """The RUNNING run of `trial`'s finalist: the existing one (a resumed stage), or new."""
+        """The RUNNING run of `trial`'s finalist: the existing one (a resumed stage), or new.
+        `epochs`: its least length (method phase + fine-tune, in epochs) before timing."""
         if trial in self.runs:
             self.client.update_run(self.runs[trial], status="RUNNING")
             self.status[trial] = "RUNNING"
@@ -67,7 +68,7 @@ class FinalistRuns:
         run = self.client.create_run(self.experiment_id, start_time=_now_ms(), tags=tags,
                                      run_name=f"final-{trial}-{method}")
         self.client.log_batch(run.info.run_id, params=[Param("trial", str(trial)),
-                                                       Param("min_epochs", str(epochs))],
+                                                       Param("length_epochs", str(epochs))],
                               synchronous=True)
         self.runs[trial] = run.info.run_id
         self.status[trial] = "RUNNING"
@@ -82,8 +83,15 @@ class FinalistRuns:
                  if isinstance(metrics.get(k), (int, float))]
         if isinstance(metrics.get("epochs"), (int, float)):
             final.append(Metric("final_epochs", float(metrics["epochs"]), ts, 0))
+        if isinstance(metrics.get("phase_epochs"), (int, float)):
+            final.append(Metric("final_phase_epochs", float(metrics["phase_epochs"]), ts, 0))
         curves = self.tracker.new_points(rid, self.tracker.curves(history, ts))
-        self.client.log_batch(rid, metrics=final + curves, synchronous=True)
+        # the hyperparameters it ran with (the trial's, phase lengths stretched); logged once:
+        # a resumed stage finishing the same run again must not log a param twice
+        params = ([Param("hparams", str(metrics["hparams"]))]
+                  if metrics.get("hparams") and "hparams" not in
+                  self.client.get_run(rid).data.params else [])
+        self.client.log_batch(rid, metrics=final + curves, params=params, synchronous=True)
         self.client.set_terminated(rid, status="FINISHED", end_time=_now_ms())
         self.status[trial] = "FINISHED"
         trial_rid = self.trial_run(trial)

@@ -108,6 +108,13 @@ def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:
     return get_method(method)(model, {}, wb.accountant.graph, **params).granularity
 
 
+def phase_epochs(wb: Workbench, method: str, params: dict[str, Any]) -> float:
+    """Epochs of the method's own phase (before fine-tuning) with these hyperparameters; 0
+    for a one-shot method. Asked of an instance, like `granularity_of`."""
+    model = wb.fresh_model()
+    return float(get_method(method)(model, {}, wb.accountant.graph, **params).prune_epochs)
+
+
 def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dict[str, float], *,
                 finetune: dict[str, Any] | None = None, seed: int | None = None,
                 on_epoch: Callable[[dict], None] | None = None,

@@ -90,7 +90,9 @@ class TrialRecord:
                        checkpoint=result.get("checkpoint", self.checkpoint), finalist=True,
                        final_epochs=result.get("epochs"),
                        # the rerun command then repeats the finalist, not the short trial
+                       # (whose phase lengths the finalist stretched: its own hparams)
                        finetune={**(self.finetune or {}), "epochs": result.get("epochs")},
+                       hparams=result.get("hparams", self.hparams),
                        search_val_accuracy=self.val_accuracy,
                        search_test_accuracy=self.test_accuracy)
 

@@ -47,14 +47,16 @@ def test_choose_takes_the_most_accurate_in_budget_front_points():
 
 @pytest.fixture(scope="module")
 def searched(ray_session, tmp_path_factory) -> tuple[Path, dict]:
-    """One search of 4 quick trials (1 fine-tune epoch) with 2 finalists of 3 epochs."""
+    """One search of 4 quick trials (a 0.5-epoch AGP ramp, 1 fine-tune epoch) with 2
+    finalists of 3 fine-tune epochs, which their ramp shares (`stretch`)."""
     from autoprune.pipeline import Workbench
     from autoprune.study import load_study
 
     out = tmp_path_factory.mktemp("finalists") / "runs"
     Workbench.open(load_study(STUDY), out, device="cpu")  # the dense cache, trained once
     space = out.parent / "space.yaml"
-    space.write_text(QUICK_SPACE)
+    space.write_text(QUICK_SPACE.replace("gradual: false", "gradual: true")
+                     .replace("epochs: 0\n", "epochs: 0.5\n"))
     summary = autoprune.search(STUDY, "flops=0.4", space=str(space), trials=4, workers=2,
                                out=str(out), finalists=2, final_epochs=3)
     return out, summary
@@ -63,15 +65,20 @@ def searched(ray_session, tmp_path_factory) -> tuple[Path, dict]:
 def test_finalists_retrain_and_best_export_report_use_them(searched, tmp_path):
     out, summary = searched
     finals = summary["finalists"]
-    assert len(finals) == 2 and all(f["epochs"] == 3 for f in finals)
+    # 3.5 epochs in all (ramp 0.5 + 3), shared 1:2 as the trial's 0.5 + 1: ramp 7/6, FT 2
+    assert len(finals) == 2 and all(f["epochs"] == 2 for f in finals)
     ot = optuna.load_study(study_name=STUDY, storage=store.optuna_url(out / STUDY))
+    for f in finals:
+        result = ot.user_attrs[f"finalist.{f['trial']}"]
+        assert result["phase_epochs"] == pytest.approx(3.5 / 3)
+        assert json.loads(result["hparams"])["epochs"] == pytest.approx(3.5 / 3)
     search_time = {r.trial: r for r in store.trial_records(ot, finalists=False)}
     for f in finals:  # chosen by search-time accuracy, among in-budget trials
         assert search_time[f["trial"]].feasible
         assert f["search_val_accuracy"] == search_time[f["trial"]].val_accuracy
         ckpt = Path(ot.user_attrs[f"finalist.{f['trial']}"]["checkpoint"])
         assert ckpt.name == f"final-{f['trial']}.pt"
-        # the retrained weights are another model than the trial's (3 epochs, not 1)
+        # the retrained weights are another model than the trial's (3.5 epochs, not 1.5)
         a = torch.load(ckpt, weights_only=True)
         b = torch.load(search_time[f["trial"]].checkpoint, weights_only=True)
         assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -87,8 +94,9 @@ def test_finalists_retrain_and_best_export_report_use_them(searched, tmp_path):
         assert p["finalist"] and p["val_accuracy"] == f["val_accuracy"]
         assert p["test_accuracy"] == f["test_accuracy"]
         assert p["search_val_accuracy"] == f["search_val_accuracy"]
-    if best["trial"] in by_trial:
-        assert "--finetune epochs=3" in best["rerun"]
+    if best["trial"] in by_trial:  # the rerun command repeats the finalist, ramp and all
+        assert "--finetune epochs=2" in best["rerun"]
+        assert f"--set epochs={3.5 / 3}" in best["rerun"]
 
     # MLflow: one finalist run per finalist, nested under its trial's run; the trial run
     # shows the retrained accuracy and keeps the search-time one under search/
@@ -107,7 +115,10 @@ def test_finalists_retrain_and_best_export_report_use_them(searched, tmp_path):
         assert r.data.tags["mlflow.parentRunId"] == trial_runs[n].info.run_id
         assert r.data.metrics["val_accuracy"] == pytest.approx(f["val_accuracy"])
         steps = client.get_metric_history(r.info.run_id, "finetune/val_accuracy")
-        assert len(steps) == 3, "three fine-tune epochs, not the trial's one"
+        assert len(steps) == 2, "two fine-tune epochs, not the trial's one"
+        ramp = client.get_metric_history(r.info.run_id, "prune/val_accuracy")
+        assert len(ramp) == 2, "a ramp of 7/6 epochs (two epoch records), not the trial's 0.5"
+        assert json.loads(r.data.params["hparams"])["epochs"] == pytest.approx(3.5 / 3)
         tm = trial_runs[n].data.metrics
         assert tm["val_accuracy"] == pytest.approx(f["val_accuracy"])
         assert tm["search/val_accuracy"] == pytest.approx(f["search_val_accuracy"])
@@ -160,3 +171,34 @@ def test_time_matched_finalist_length():
     assert spec.epochs_for(10.0) == 12  # the floor
     assert spec.epochs_for(0.01) == 100  # the ceiling
     assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).epochs_for(0.01) == 12  # --final-epochs
+
+
+def test_stretch_shares_the_finalist_length_as_the_trial_did():
+    """A method with its own phase gets the same share of a finalist's epochs as it had of
+    its trial's (an AGP ramp of 2 + 4 fine-tune epochs at 23 becomes 25/6 times longer); a
+    one-shot method, or a finalist no longer than its trial, keeps every epoch for the
+    fine-tune; a length at its valid maximum stays there and the fine-tune takes the rest."""
+    from autoprune.orchestration.finalists import Finalist, stretch
+    from autoprune.pruning import get_method
+
+    def phase_of(method: str):
+        cls = get_method(method)
+        return lambda p: (float(cls.make_params(**p).epochs) if p.get("gradual", True) and
+                          "epochs" in p else 0.0)
+
+    def spec(method: str, params: dict) -> Finalist:
+        return Finalist(trial=0, method=method, params=params, targets={}, finetune={})
+
+    agp = spec("magnitude", {"gradual": True, "epochs": 2.0, "norm": 1})
+    params, ft = stretch(agp, 23, 4.0, phase_of("magnitude"))
+    assert params == {"gradual": True, "epochs": pytest.approx(2.0 * 25 / 6), "norm": 1}
+    assert ft == 17  # 25 - 8.33, rounded: the whole length is unchanged
+    one_shot = spec("magnitude", {"gradual": False, "epochs": 2.0})
+    assert stretch(one_shot, 23, 4.0, phase_of("magnitude")) == (one_shot.params, 23)
+    assert stretch(agp, 4, 4.0, phase_of("magnitude")) == (agp.params, 4)  # not longer
+    # ADMM's W-steps are its length (iterations and rho stay); 20 epochs each at most
+    admm = spec("admm", {"admm_iters": 4, "epochs_per_iter": 5.0, "rho": 1e-3})
+    params, ft = stretch(admm, 76, 4.0, lambda p: p["admm_iters"] * p["epochs_per_iter"])
+    assert params == {"admm_iters": 4, "epochs_per_iter": 20.0, "rho": 1e-3}
+    assert ft == 16  # 96 in all, 80 of them W-steps at the cap
+    assert get_method("taylor").stretched({"batches": 8}, 4.0) == {"batches": 8}  # no length

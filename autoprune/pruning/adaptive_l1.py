@@ -226,7 +226,7 @@ class AdaptiveL1(Pruner):
                          doc="enabled granularities, coarse to fine (single weights always "
                              "complete the target; 'weight' adds their L1 penalty)")
         epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of regularised training",
-                           search=(1.0, 3.0))
+                           search=(1.0, 3.0), length=True)
         granularity: str = hp("weight", choices=("weight", "filter"),
                               doc="weight: targets count a layer's weights, removed coarse to "
                                   "fine; filter: targets count channels, filter level only "

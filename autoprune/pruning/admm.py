@@ -132,7 +132,7 @@ class ADMM(Pruner):
                              search=(2, 6))
         epochs_per_iter: float = hp(1.0, 0.05, 20.0, doc="W-step epochs per ADMM iteration "
                                                          "(paper: ~4.2 on MNIST)",
-                                    search=(0.2, 0.5))
+                                    search=(0.2, 0.5), length=True)
         granularity: str = hp("weight", choices=("weight", "filter"),
                               doc="sparsity set: single weights or whole filters (channel groups)",
                               search_choices=("weight", "filter"))

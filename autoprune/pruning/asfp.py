@@ -86,7 +86,7 @@ class ASFP(Pruner):
     class Params:
         epochs: float = hp(10.0, 0.0, 1000.0, doc="epochs of soft pruning (t_max; paper: 200, "
                                                   "from scratch)",
-                           search=(1.0, 3.0))
+                           search=(1.0, 3.0), length=True)
         asymptotic: bool = hp(True, doc="ASFP's rising rate (True) or SFP's constant rate",
                               search_choices=(False, True))
         norm: int = hp(2, choices=(1, 2), doc="filter importance: L1 or L2 norm (paper: L2)")

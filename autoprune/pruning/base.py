@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..engine import TrainHook
 from ..errors import UserError
 from ..graph import ChannelGraph
+from .hparams import check_value, convert, hp, search_spec, stretch_lengths
 
 Masks = dict[str, torch.Tensor]  # parameter name -> 0/1 float tensor of the parameter's shape
 
@@ -55,40 +55,6 @@ def get_method(name: str) -> type[Pruner]:
                         f"{', '.join(sorted(METHODS))}") from None
 
 
-def hp(default: Any, low: float | None = None, high: float | None = None,
-       choices: tuple | None = None, doc: str = "", *,
-       search: tuple[float, float] | None = None, log: bool = False,
-       search_choices: tuple | None = None) -> Any:
-    """A hyperparameter field: default, the valid range (inclusive) or choices, and what to search.
-
-    `search=(low, high)` (with `log=True` for a log-uniform range; integer for an int field) or
-    `search_choices=(...)` declares the range the built-in search spaces sample; a field with
-    neither is fixed at its (paper) default there. Search ranges must lie inside the valid range:
-    the search space loader checks them like ranges written in a YAML file.
-    """
-    if search is not None and search_choices is not None:
-        raise ValueError("hp(): give search=(low, high) or search_choices=(...), not both")
-    if log and search is None:
-        raise ValueError("hp(): log=True needs search=(low, high)")
-    return dataclasses.field(default=default, metadata={
-        "low": low, "high": high, "choices": choices, "doc": doc, "search": search,
-        "log": log, "search_choices": search_choices})
-
-
-def _search_spec(f: dataclasses.Field) -> dict[str, Any] | None:
-    """A field's declared search range as a search-space distribution mapping, or None."""
-    m = f.metadata
-    if m.get("search_choices") is not None:
-        return {"choices": list(m["search_choices"])}
-    if m.get("search") is not None:
-        low, high = m["search"]
-        spec: dict[str, Any] = {"low": low, "high": high}
-        if m.get("log"):
-            spec["log"] = True
-        return spec
-    return None
-
-
 class Pruner(TrainHook, abc.ABC):
     """Base class of every pruning method: implement `final_masks`, override hooks as needed."""
 
@@ -104,7 +70,8 @@ class Pruner(TrainHook, abc.ABC):
 
     @dataclasses.dataclass
     class Params:
-        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of the method's own training phase")
+        epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of the method's own training phase",
+                           length=True)
 
     def __init__(self, model: nn.Module, targets: dict[str, float], graph: ChannelGraph,
                  **params: Any) -> None:
@@ -142,6 +109,13 @@ class Pruner(TrainHook, abc.ABC):
         """Length of the method's own (regularised / scheduled) phase before fine-tuning."""
         return float(self.params.epochs)
 
+    @classmethod
+    def stretched(cls, params: dict[str, Any], factor: float) -> dict[str, Any]:
+        """`params` with every hyperparameter declared a phase length (`hp(length=True)`)
+        multiplied by `factor`, within its valid range: the same method run `factor` times
+        as long (a finalist's schedule). Nothing else changes."""
+        return stretch_lengths(cls.Params, params, factor)
+
     def calibrate(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
                   ) -> None:
         """Look at training data before pruning (default: nothing).
@@ -166,7 +140,7 @@ class Pruner(TrainHook, abc.ABC):
             raise UserError(f"method '{cls.name}' has no hyperparameter(s) "
                             f"{', '.join(sorted(unknown))}; known: {', '.join(fields)}")
         for k, v in values.items():
-            values[k] = _check_value(cls.name, fields[k], v)
+            values[k] = check_value(cls.name, fields[k], v)
         return cls.Params(**values)
 
     @classmethod
@@ -182,7 +156,7 @@ class Pruner(TrainHook, abc.ABC):
             if key not in fields:
                 raise UserError(f"method '{cls.name}' has no hyperparameter '{key}'; "
                                 f"known: {', '.join(fields)}")
-            out[key] = _convert(cls.name, fields[key], raw.strip())
+            out[key] = convert(cls.name, fields[key], raw.strip())
         cls.make_params(**out)
         return out
 
@@ -195,7 +169,7 @@ class Pruner(TrainHook, abc.ABC):
         """
         out = {}
         for f in dataclasses.fields(cls.Params):
-            spec = _search_spec(f)
+            spec = search_spec(f)
             if spec is not None:
                 out[f.name] = spec
         return out
@@ -208,47 +182,11 @@ class Pruner(TrainHook, abc.ABC):
             d = {"name": f.name, "default": f.default}
             d.update({k: f.metadata[k] for k in ("low", "high", "choices", "doc")
                       if f.metadata.get(k) not in (None, "")})
-            spec = _search_spec(f)
+            spec = search_spec(f)
             if spec is not None:
                 d["search"] = spec
             out.append(d)
         return out
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    t = f.type if isinstance(f.type, type) else {"float": float, "int": int, "bool": bool,
-                                                  "str": str}.get(str(f.type), str)
-    return t
-
-
-def _convert(method: str, f: dataclasses.Field, raw: str) -> Any:
-    t = _field_type(f)
-    try:
-        if t is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return raw.lower() in ("true", "1", "yes")
-        return t(float(raw)) if t is int and raw.replace(".", "", 1).isdigit() else t(raw)
-    except ValueError:
-        raise UserError(f"{method}.{f.name} expects {t.__name__}, got '{raw}'") from None
-
-
-def _check_value(method: str, f: dataclasses.Field, v: Any) -> Any:
-    t = _field_type(f)
-    if t is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if t is int and isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if not isinstance(v, t) or (t is not bool and isinstance(v, bool)):
-        raise UserError(f"{method}.{f.name} expects {t.__name__}, got {v!r}")
-    m = f.metadata
-    if m.get("choices") and v not in m["choices"]:
-        raise UserError(f"{method}.{f.name} must be one of {list(m['choices'])}, got {v!r}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise UserError(f"{method}.{f.name} must be finite, got {v}")
-    if m.get("low") is not None and v < m["low"] or m.get("high") is not None and v > m["high"]:
-        raise UserError(f"{method}.{f.name} must be in [{m['low']}, {m['high']}], got {v}")
-    return v
 
 
 # -- pure helpers every method uses ----------------------------------------------------------

@@ -186,7 +186,7 @@ class L0(Pruner):
                                                    "N(log((1-p)/p), 0.01)",
                               search=(0.05, 0.5))
         epochs: float = hp(4.0, 0.0, 1000.0, doc="epochs of gated training",
-                           search=(1.0, 3.0))
+                           search=(1.0, 3.0), length=True)
         granularity: str = hp("weight", choices=("weight", "filter"),
                               doc="one gate per weight (Xie 2019) or per filter (Louizos 2018)",
                               search_choices=("weight", "filter"))

@@ -72,7 +72,7 @@ class Magnitude(Pruner):
         gradual: bool = hp(False, doc="AGP cubic schedule instead of one-shot",
                            search_choices=(False, True))
         epochs: float = hp(2.0, 0.0, 1000.0, doc="length of the gradual phase",
-                           search=(0.5, 2.0))
+                           search=(0.5, 2.0), length=True)
         ramp: float = hp(0.75, 0.05, 1.0, doc="fraction of the phase over which sparsity rises")
         frequency: int = hp(10, 1, 100000, doc="steps between mask updates")
         granularity: str = hp("weight", choices=("weight", "filter"),

@@ -57,7 +57,8 @@ class FinalistRuns:
 
     def start(self, trial: int, method: str, epochs: int) -> str:
         """The RUNNING run of `trial`'s finalist: the existing one (a resumed stage), or new.
-        `epochs`: its least length (method phase + fine-tune, in epochs) before timing."""
+        `epochs`: the fine-tune length planned before timing and before the method's own phase
+        took its share (`stretch`); metrics final_epochs and final_phase_epochs say what ran."""
         if trial in self.runs:
             self.client.update_run(self.runs[trial], status="RUNNING")
             self.status[trial] = "RUNNING"
@@ -68,7 +69,7 @@ class FinalistRuns:
         run = self.client.create_run(self.experiment_id, start_time=_now_ms(), tags=tags,
                                      run_name=f"final-{trial}-{method}")
         self.client.log_batch(run.info.run_id, params=[Param("trial", str(trial)),
-                                                       Param("length_epochs", str(epochs))],
+                                                       Param("planned_epochs", str(epochs))],
                               synchronous=True)
         self.runs[trial] = run.info.run_id
         self.status[trial] = "RUNNING"

@@ -103,9 +103,16 @@ def test_methods_command_lists_search_ranges_and_differences(capsys):
         assert m["differences"] == list(load_all()[name].differences) and m["summary"]
         searched = {h["name"]: h["search"] for h in m["hyperparameters"] if "search" in h}
         assert searched == load_all()[name].search_space()
+    # every method with a trained phase of its own declares its length (finalists stretch it)
+    lengths = {name: [h["name"] for h in m["hyperparameters"] if h.get("length")]
+               for name, m in listed.items()}
+    assert lengths == {"magnitude": ["epochs"], "admm": ["epochs_per_iter"],
+                       "radmm": ["epochs_per_iter"], "l0": ["epochs"], "asfp": ["epochs"],
+                       "adaptive_l1": ["epochs"], "taylor": []}
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert "differences from the paper:" in text and "searched [0.0001, 0.1] log" in text
+    assert text.count("a phase length: finalists stretch it") == 6
 
 
 # -- a new method is one class: calibrate, registry, declared space ---------------------------

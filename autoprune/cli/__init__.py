@@ -136,6 +136,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                 what = (f"{sp['choices']}" if "choices" in sp else
                         f"[{sp['low']}, {sp['high']}]{' log' if sp.get('log') else ''}")
                 print(f"  {'':<16} searched {what}")
+            if h.get("length"):
+                print(f"  {'':<16} a phase length: finalists stretch it with their fine-tune")
         if m["differences"]:
             print("  differences from the paper:")
             for d in m["differences"]:

@@ -286,7 +286,8 @@ def finalist_rows(ot_study: optuna.Study, chosen: list[int]) -> list[dict[str, A
                      "search_val_accuracy": r.val_accuracy if r else None,
                      "search_test_accuracy": r.test_accuracy if r else None,
                      **{k: f.get(k) for k in ("val_accuracy", "test_accuracy", "epochs",
-                                              "seconds", "failed", "error") if k in f}})
+                                              "phase_epochs", "seconds", "failed", "error")
+                        if k in f}})
     return rows
 
 

@@ -185,6 +185,8 @@ class Pruner(TrainHook, abc.ABC):
             spec = search_spec(f)
             if spec is not None:
                 d["search"] = spec
+            if f.metadata.get("length"):
+                d["length"] = True  # a phase length: finalists stretch it
             out.append(d)
         return out
 

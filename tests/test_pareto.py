@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoprune.names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC
-from autoprune.pareto import DEFAULT_REF, dominates, front, hypervolume
+from autoprune.pareto import DEFAULT_REF, best, dominates, front, hypervolume
 
 
 def pt(acc: float, flops: float, params: float) -> dict:
@@ -67,6 +67,22 @@ def test_missing_or_nan_objectives_never_on_front():
            {VAL_ACC: None, FLOPS_FRAC: 0.1, PARAMS_FRAC: 0.1}]
     assert front(pts) == [0]
     assert hypervolume(pts) == pytest.approx(0.225)
+
+
+def test_best_prefers_the_retrained_finalists_over_a_short_trial():
+    """The digits main job once named best a trial that was never retrained (val 0.9861 after
+    its short fine-tune), over the finalist the stage had just retrained (val 0.9792, one
+    validation image fewer, test 0.9861 against the trial's 0.9833): best is the most accurate
+    finalist of the front, and only a front without finalists falls back to all of it."""
+    short = {**pt(0.9861, 0.39, 0.40), "trial": 0, "finalist": False}
+    final = {**pt(0.9792, 0.30, 0.30), "trial": 10, "finalist": True}
+    other = {**pt(0.9700, 0.20, 0.20), "trial": 11, "finalist": True}
+    assert best([short, final, other])["trial"] == 10
+    assert best([short, {**final, "finalist": False}])["trial"] == 0
+    # a tie in accuracy goes to the smaller model, then to the earlier point
+    a, b = pt(0.95, 0.3, 0.3), pt(0.95, 0.2, 0.3)
+    assert best([a, b]) is b and best([a, dict(a)]) is a
+    assert best([]) is None
 
 
 def test_bad_mode_rejected():

@@ -24,7 +24,8 @@ def add_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="only points within this budget, "
                    "e.g. flops=0.3")
     p.add_argument("--pick", choices=PICKS, default="max-accuracy",
-                   help="highest validation accuracy, or fewest FLOPs (default: %(default)s)")
+                   help="highest validation accuracy (finalists first: the search's best), "
+                   "or fewest FLOPs (default: %(default)s)")
     p.add_argument("--to", required=True, help="folder to write the export into")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")

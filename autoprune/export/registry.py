@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import store
+from .. import pareto, store
 from ..errors import UserError
 from ..study import Study, load_study
 from .card import export_model, write_card
@@ -20,8 +20,10 @@ log = logging.getLogger("autoprune")
 
 
 def _pick(points: list[dict], pick: str) -> dict:
-    if pick == "max-accuracy":
-        return min(points, key=lambda p: (-p["val_accuracy"], p["flops_frac"], p["trial"]))
+    if pick == "max-accuracy":  # what the search names best, among these points
+        ordered = sorted(points, key=lambda p: p["trial"])
+        chosen = pareto.best([ordered[i] for i in pareto.front(ordered)])
+        return dict(chosen) if chosen is not None else ordered[0]
     if pick == "min-flops":
         return min(points, key=lambda p: (p["flops_frac"], -p["val_accuracy"], p["trial"]))
     raise UserError(f"unknown --pick '{pick}'; choose {' or '.join(PICKS)}")

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from .. import store
 from ..budget import Budget
+from ..pareto import best as pareto_best
 from ..store import KILLED_ATTR
 
 
@@ -26,10 +27,9 @@ def summarize(ot_study: optuna.Study, tracker, parent_id: str, budget: Budget, d
     pareto = tracker.finish_search(parent_id, points, budget.limits, dense,
                                    status=status)["front"]
     feasible = [p for p in points if p["feasible"]]
-    # the most accurate point of the front: on a tie in accuracy the smaller model, so the best
-    # point is never one that another in-budget point dominates
-    best = max(pareto, key=lambda p: (p["val_accuracy"], -p["flops_frac"], -p["params_frac"]),
-               default=None)
+    # a point of the front, so never one that another in-budget point dominates; the most
+    # accurate of the retrained finalists where the search has any
+    best = pareto_best(pareto)
     if best is not None:
         best = {**best, "rerun": rerun_command(best, study_ref, str(budget))
                 if study_ref else None}

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..engine import Recipe
 from ..errors import UserError
+from ..pruning.hparams import field_type
 
 DIST_KEYS = ("low", "high", "log", "int", "step", "choices")
 _TYPES = {"float": float, "int": int, "bool": bool, "str": str}
@@ -124,8 +125,7 @@ def parse_patterns(v: Any, key: str, fail) -> list[str]:
 
 
 def _field_types(params_cls: type) -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else _TYPES.get(str(f.type), object)
-            for f in dataclasses.fields(params_cls)}
+    return {f.name: field_type(f) for f in dataclasses.fields(params_cls)}
 
 
 DECLARED = "declared"  # methods (or one method) taken from the methods' declared ranges

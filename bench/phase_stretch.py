@@ -31,6 +31,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import mean_sd, per_seed  # noqa: E402
 
 
 def _quiet_worker() -> None:
@@ -74,11 +77,9 @@ def table(rows: list[dict], budget: str, ramps: list[float], epochs: int) -> lis
         if not rs:
             continue
         tests = [x["test"] for x in rs]
-        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
         arm = (f"one-shot + fine-tune {epochs}" if r == 0 else
                f"ramp {r:g} + fine-tune {epochs - r:g}")
-        lines.append(f"| {arm} | {statistics.mean(tests):.4f} ± {sd:.4f} | "
-                     f"{' / '.join(f'{t:.4f}' for t in tests)} | "
+        lines.append(f"| {arm} | {mean_sd(tests)} | {per_seed(tests, 4)} | "
                      f"{statistics.mean(x['val'] for x in rs):.4f} | "
                      f"{statistics.mean(x['seconds'] for x in rs):.1f} |")
     return lines

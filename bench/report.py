@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +34,21 @@ command it was measured. The machine used so far is a shared 2-core CPU box: oth
 the same time, so timings carry noticeable noise (the load average is given for each run).
 GPU rows are out of scope until a GPU machine runs these scripts.
 """
+
+
+def mean_sd(values: list[float | None], digits: int = 4) -> str:
+    """"mean ± sample sd" of the values given (a single value alone; "-" for none)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def per_seed(values: list[float | None], digits: int = 3) -> str:
+    """The values of each seed, "a / b / c" ("-" where a seed has none)."""
+    return " / ".join("-" if v is None else f"{v:.{digits}f}" for v in values)
 
 
 def cpu_model() -> str:

@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import mean_sd, per_seed  # noqa: E402
 
 
 def wide_gamma(n: int) -> int:
@@ -93,10 +96,8 @@ def table(rows: list[dict], configs: list[str]) -> list[str]:
         if not rs:
             continue
         hv = [r["hv"] for r in rs]
-        sd = statistics.stdev(hv) if len(hv) > 1 else 0.0
         tests = [r["test"] for r in rs if r["test"] is not None]
-        lines.append(f"| {c} | {statistics.mean(hv):.3f} ± {sd:.3f} | "
-                     f"{' / '.join(f'{h:.3f}' for h in hv)} | "
+        lines.append(f"| {c} | {mean_sd(hv, 3)} | {per_seed(hv)} | "
                      f"{statistics.mean(tests) if tests else float('nan'):.4f} | "
                      f"{' / '.join(str(r['completed']) for r in rs)} | "
                      f"{statistics.mean(r['seconds'] for r in rs):.0f} |")

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
+from report import mean_sd, per_seed  # noqa: E402
 
 # Budgets per study: the flops=0.4 and a hard parameter budget. digits-lenet has only
 # 13.7 k parameters: at params=0.02 (274 weights) every method is at chance, so its hard budget
@@ -143,19 +144,6 @@ def run_fixed(kind: str, wb, budget: str, seed: int, seconds: float) -> dict:
             "val": m["val_accuracy"], "method": arm, "flops": m.get("flops_frac"),
             "completed": 1, "feasible": int(ok),
             "failed": 0, "seconds": m["seconds"], "epochs": m["finetune_epochs"]}
-
-
-def mean_sd(values: list[float | None], digits: int = 4) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
-
-
-def per_seed(values: list[float | None], digits: int = 3) -> str:
-    return " / ".join("-" if v is None else f"{v:.{digits}f}" for v in values)
 
 
 def render(res: dict) -> list[str]:

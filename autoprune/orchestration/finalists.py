@@ -13,8 +13,8 @@ A method with a phase of its own (an AGP ramp, ADMM's W-steps, L0 gates) is stre
 fine-tune (`stretch`): the finalist's epochs are shared between the two phases as the trial
 shared them, so a trial of a 2-epoch ramp and 4 fine-tune epochs becomes a finalist of an
 8-epoch ramp and 17, not of 2 and 23. Slow pruning is what extreme sparsity needs most (Zhu &
-Gupta 2017); measured on LeNet-5 at 355.9x weights, 18 epochs each: ramp 2 + fine-tune 16 test
-0.970, ramp 8 + 10 test 0.979; at 71.2x both 0.9905.
+Gupta 2017); LeNet-5 on MNIST, 18 epochs, 3 seeds (`bench/phase_stretch.py`): at 355.9x weights
+ramp 2 + fine-tune 16 test 0.9692, ramp 8 + 10 test 0.9801; at 71.2x 0.9906 and 0.9911.
 
 Resumable: a finalist's result is stored on the Optuna study (`store.FINALIST_PREFIX`) as soon
 as it finishes, and the finalists are chosen from the search-time records only, so a stage

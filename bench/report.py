@@ -37,7 +37,7 @@ GPU rows are out of scope until a GPU machine runs these scripts.
 
 
 def mean_sd(values: list[float | None], digits: int = 4) -> str:
-    """"mean ± sample sd" of the values given (a single value alone; "-" for none)."""
+    """The values' mean ± sample sd ("-" for none; a single value alone, no sd)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "-"

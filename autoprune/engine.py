@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TensorData
+from .data import AUGMENTATIONS, TensorData
 from .errors import TrainingDiverged, UserError
 
 
@@ -43,6 +43,9 @@ class Recipe:
     # faster at a larger rate than the dense net was fine-tuned with (Le & Hua, ICLR 2021);
     # measured: LeNet-5 at 71x, 4 epochs, x8 gives 0.956 test against 0.783 at x1.
     lr_scale: float = 1.0
+    # the batch transform of this phase: "default" is the dataset's own (CIFAR: crop + flip;
+    # MNIST-like: none); "none", "crop-flip" or "shift" (data.augmentation) override it
+    augment: str = "default"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "gamma",
@@ -60,6 +63,9 @@ class Recipe:
         if self.schedule not in ("cosine", "step", "constant"):
             raise UserError(f"recipe schedule must be cosine, step or constant, "
                             f"got '{self.schedule}'")
+        if self.augment not in ("default", *AUGMENTATIONS):
+            raise UserError(f"recipe augment must be default, {', '.join(AUGMENTATIONS)}; "
+                            f"got {self.augment!r}")
         if not (self.epochs >= 0 and self.lr > 0 and self.batch_size > 0 and self.lr_scale > 0):
             raise UserError("recipe needs epochs >= 0, lr > 0, lr_scale > 0 and batch_size > 0")
 
@@ -73,9 +79,18 @@ class Recipe:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["lr_scale"] == 1.0:  # left out at its default: the hashes of studies written
-            del d["lr_scale"]      # before it existed (dense cache, --resume) stay the same
+        # left out at their defaults: the hashes of studies written before they existed (dense
+        # cache, --resume) stay the same
+        if d["lr_scale"] == 1.0:
+            del d["lr_scale"]
+        if d["augment"] == "default":
+            del d["augment"]
         return d
+
+    @property
+    def batch_augment(self) -> str | None:
+        """What `TensorData.batches` takes: None for the dataset's default."""
+        return None if self.augment == "default" else self.augment
 
 
 class TrainHook:
@@ -231,7 +246,7 @@ def train(model: nn.Module, data: TensorData, recipe: Recipe, *,
         model.train()
         loss_sum = torch.zeros((), device=device)
         count = 0
-        for x, y in data.batches(recipe.batch_size, gen):
+        for x, y in data.batches(recipe.batch_size, gen, augment=recipe.batch_augment):
             if step >= n_steps:
                 break
             if world > 1 and not presliced and x.shape[0] >= world:  # this rank's slice

@@ -193,7 +193,14 @@ class FolderData:
 
     def batches(self, batch_size: int, generator: torch.Generator,
                 augment: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled, augmented training batches (order from `generator`)."""
+        """One epoch of shuffled, augmented training batches (order from `generator`).
+
+        Always the folder's own random-resized-crop augmentation: `augment` may only ask for
+        that (None or True), since the batch transforms of `data.augmentation` work on whole
+        in-memory batches of one image size."""
+        if augment not in (None, True):
+            raise UserError(f"augment {augment!r} is for in-memory datasets; an image folder "
+                            f"trains with its own random-resized crops (augment: default)")
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,),
                                                               generator=generator)))
         rank, world = _rank_world()

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/phase_stretch.py [--study lenet5-mnist]
         [--budgets weights=0.00281,weights=0.01405] [--epochs 18] [--ramps 2,8]
-        [--seeds 0,1,2] [--jobs 2] [--data-root DIR] [--out DIR] [--quick]
+        [--augment study] [--seeds 0,1,2] [--jobs 2] [--data-root DIR] [--out DIR] [--quick]
 
 A finalist of an AGP trial (gradual magnitude pruning: a ramp of R epochs, then fine-tuning)
 now shares its epochs between ramp and fine-tune as its trial did (`finalists.stretch`), where it
@@ -10,7 +10,9 @@ used to keep the trial's short ramp and put every extra epoch into the fine-tune
 compares the two at exactly the same number of epochs, without a search around them: each arm is
 `autoprune prune --method magnitude --set gradual=true --set epochs=R --finetune epochs=E-R`
 with the default (size-prior) split of the budget, as the search's enqueued AGP baseline has it.
-R = 0 is one-shot magnitude pruning followed by E fine-tune epochs.
+R = 0 is one-shot magnitude pruning followed by E fine-tune epochs. `--augment none,shift`
+adds a second axis, the batch augmentation of both phases (the recipes' `augment`; `study`
+keeps the study's own): is the fine-tune recipe, not the schedule, what limits a ratio?
 
 Every run of a seed starts from that seed's dense model (trained once, cached in OUT) and uses
 the seed for its own training too, so the spread covers both. Equal epochs means equal compute
@@ -22,6 +24,7 @@ sample sd and per seed, and the validation accuracy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -53,32 +56,42 @@ def dense(study: str, seed: int, out: str, data_root: str | None) -> dict:
 
 
 def run(study: str, budget: str, ramp: float, epochs: int, seed: int, out: str,
-        data_root: str | None) -> dict:
+        data_root: str | None, augment: str = "study") -> dict:
     """One arm on one seed: magnitude pruning with a ramp of `ramp` epochs (0: one-shot), then
-    the rest of `epochs` fine-tuning."""
+    the rest of `epochs` fine-tuning; `augment` other than "study" replaces both phases' own."""
+    import dataclasses
+
     from autoprune.api import prune
+    from autoprune.study import load_study
+
+    st = load_study(study)
+    if augment != "study":
+        st = dataclasses.replace(st, prune=dataclasses.replace(st.prune, augment=augment),
+                                 finetune=dataclasses.replace(st.finetune, augment=augment))
 
     params = ({"gradual": True, "epochs": ramp} if ramp > 0 else {"gradual": False})
     t0 = time.perf_counter()
-    m = prune(study, "magnitude", budget, params={**params, "granularity": "weight"},
+    m = prune(st, "magnitude", budget, params={**params, "granularity": "weight"},
               finetune={"epochs": round(epochs - ramp)}, out=out, data_root=data_root,
               seed=seed)
-    return {"budget": budget, "ramp": ramp, "seed": seed, "test": m["test_accuracy"],
-            "val": m["val_accuracy"], "weights_frac": m["weights_frac"],
+    return {"budget": budget, "ramp": ramp, "augment": augment, "seed": seed,
+            "test": m["test_accuracy"], "val": m["val_accuracy"], "weights_frac": m["weights_frac"],
             "within_budget": m["within_budget"], "seconds": time.perf_counter() - t0}
 
 
-def table(rows: list[dict], budget: str, ramps: list[float], epochs: int) -> list[str]:
+def table(rows: list[dict], budget: str, ramps: list[float], epochs: int,
+          augments: list[str]) -> list[str]:
     lines = ["| arm | test mean ± sd | test per seed | val mean | s / run |",
              "|---|---|---|---:|---:|"]
-    for r in ramps:
-        rs = sorted((x for x in rows if x["budget"] == budget and x["ramp"] == r),
-                    key=lambda x: x["seed"])
+    for r, a in itertools.product(ramps, augments):
+        rs = sorted((x for x in rows if x["budget"] == budget and x["ramp"] == r
+                     and x["augment"] == a), key=lambda x: x["seed"])
         if not rs:
             continue
         tests = [x["test"] for x in rs]
         arm = (f"one-shot + fine-tune {epochs}" if r == 0 else
                f"ramp {r:g} + fine-tune {epochs - r:g}")
+        arm += "" if a == "study" else f", augment {a}"
         lines.append(f"| {arm} | {mean_sd(tests)} | {per_seed(tests, 4)} | "
                      f"{statistics.mean(x['val'] for x in rs):.4f} | "
                      f"{statistics.mean(x['seconds'] for x in rs):.1f} |")
@@ -91,6 +104,9 @@ def main() -> int:
     ap.add_argument("--budgets", default="weights=0.00281,weights=0.01405")
     ap.add_argument("--epochs", type=int, default=18, help="epochs of every run, ramp included")
     ap.add_argument("--ramps", default="2,8", help="ramp lengths in epochs; 0: one-shot")
+    ap.add_argument("--augment", default="study",
+                    help="augmentations of both phases to compare (study, none, shift, "
+                         "crop-flip); study: the study's recipes as they are")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--data-root", default=os.environ.get("AUTOPRUNE_DATA"))
@@ -104,6 +120,9 @@ def main() -> int:
     budgets = [b for b in args.budgets.split(",") if b]
     ramps = [float(r) for r in args.ramps.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    augments = [a for a in args.augment.split(",") if a]
+    if any(a not in ("study", "none", "shift", "crop-flip") for a in augments):
+        ap.error("--augment takes study, none, shift or crop-flip")
     if any(not 0 <= r < args.epochs for r in ramps):
         ap.error(f"--ramps must lie in [0, --epochs={args.epochs})")
     out = Path(args.out or f"autoprune-runs/bench-stretch-{int(time.time())}").resolve()
@@ -114,8 +133,8 @@ def main() -> int:
         # the dense models first, one per seed: runs of a seed then share its cached one
         dense_rows = [j.result() for j in
                       [pool.submit(dense, args.study, s, str(out), args.data_root) for s in seeds]]
-        jobs = [pool.submit(run, args.study, b, r, args.epochs, s, str(out), args.data_root)
-                for b in budgets for s in seeds for r in ramps]
+        jobs = [pool.submit(run, args.study, b, r, args.epochs, s, str(out), args.data_root, a)
+                for b in budgets for s in seeds for r in ramps for a in augments]
         for j in jobs:
             rows.append(j.result())
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -128,7 +147,7 @@ def main() -> int:
     for b in budgets:
         missed = [x for x in rows if x["budget"] == b and not x["within_budget"]]
         print(f"## {b}" + (f" ({len(missed)} runs over budget)" if missed else "") + "\n")
-        print("\n".join(table(rows, b, ramps, args.epochs)) + "\n")
+        print("\n".join(table(rows, b, ramps, args.epochs, augments)) + "\n")
     return 0
 
 

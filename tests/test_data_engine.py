@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoprune.data import crop_flip, load_dataset
+from autoprune.data import crop_flip, load_dataset, shift
 from autoprune.engine import Recipe, evaluate, lr_at, train
 from autoprune.errors import UserError
 from autoprune.models import build_model
@@ -53,6 +53,42 @@ def test_crop_flip_keeps_pixels_and_shape():
     for i in range(2):
         vals = set(out[i][out[i] != 0].tolist())
         assert vals <= set(x[i].flatten().tolist())
+
+
+def test_shift_translates_without_mirroring_and_pads_with_the_edge():
+    """Each image comes out as itself moved by at most `pad` pixels each way (the border filled
+    with its edge pixels, the background of a digit), never mirrored, and the batch differs."""
+    x = torch.randn(16, 1, 12, 12)
+    x[:, :, :3, :] = x[:, :, -3:, :] = x[:, :, :, :3] = x[:, :, :, -3:] = -0.4  # background
+    out = shift(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    moved = 0
+    for i in range(16):
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(torch.roll(x[i], (dy, dx), dims=(1, 2)), out[i])]
+        assert hits, f"image {i} is not a translate of its input"
+        moved += hits[0] != (0, 0)
+    assert moved >= 8
+    assert shift(torch.zeros(2, 1, 28, 28), torch.Generator()).shape == (2, 1, 28, 28)
+
+
+def test_a_recipes_augment_changes_training_and_default_keeps_hashes(digits):
+    """`augment: shift` trains on moved images (different weights from the same seed); the
+    digits' default is no augmentation, so "default" and "none" train alike; a recipe at its
+    default serialises as before (dense caches and --resume keep their keys)."""
+    assert "augment" not in Recipe().to_dict()
+    assert Recipe.from_dict(Recipe(augment="shift").to_dict()).augment == "shift"
+    with pytest.raises(UserError, match="augment"):
+        Recipe(augment="mixup")
+    sub = digits.subset(train=256)
+    w = {}
+    for kind in ("default", "none", "shift"):
+        torch.manual_seed(0)
+        m = build_model("lenet-digits", 10, 1, 8)
+        train(m, sub, Recipe(epochs=1, batch_size=64, augment=kind), seed=7)
+        w[kind] = m.fc2.weight.detach().clone()
+    assert torch.equal(w["default"], w["none"])
+    assert not torch.allclose(w["shift"], w["none"])
 
 
 def test_lenet_trains_on_digits_to_95_percent(digits):

@@ -163,6 +163,18 @@ def test_bad_folder_options_are_refused(data, fragment):
         study_from_dict(d, "s.yaml")
 
 
+def test_a_batch_augmentation_on_a_folder_is_refused_at_load():
+    """A folder trains with its own random-resized crops: a recipe's `augment` (whole-batch
+    tensor transforms) is refused when the study loads, not in the middle of a search."""
+    from autoprune.study import study_from_dict
+
+    d = {"model": "lenet-digits", "dataset": "imagefolder:/x", "finetune": {"augment": "shift"}}
+    with pytest.raises(UserError, match="finetune.augment"):
+        study_from_dict(d, "s.yaml")
+    with pytest.raises(UserError, match="in-memory"):
+        next(iter(FolderData.__new__(FolderData).batches(8, torch.Generator(), augment="shift")))
+
+
 def _rank_labels(rank: int, world: int, root: str, init: str, out: str) -> None:
     import torch.distributed as dist
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .augment import augmentation
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -257,55 +258,6 @@ def from_tensors(train: Sequence, test: Sequence, *, val: Sequence | None = None
                        image_size=shape[-1] if len(shape) > 1 else 0, num_classes=num_classes,
                        augment=False, folder="", input_shape=shape)
     return TensorData(info, train_x, train_y, val_x, val_y, test_x, test_y).validate()
-
-
-AUGMENTATIONS = ("none", "crop-flip", "shift")  # what a recipe's `augment` may name
-
-
-def augmentation(kind: bool | str) -> Callable[[torch.Tensor, torch.Generator],
-                                               torch.Tensor] | None:
-    """The batch transform `kind` names (True: crop-flip; False or "none": None)."""
-    if kind is True or kind == "crop-flip":
-        return crop_flip
-    if kind == "shift":
-        return shift
-    if kind is False or kind == "none":
-        return None
-    raise UserError(f"unknown augmentation {kind!r}; choose one of {', '.join(AUGMENTATIONS)}")
-
-
-def _random_crop(x: torch.Tensor, generator: torch.Generator, pad: int, mode: str,
-                 flip: bool) -> torch.Tensor:
-    """One random window of the `pad`-padded batch per image (and a coin-flip mirror)."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode=mode)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # n x h
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # n x w
-    if flip:
-        mirror = torch.rand(n, generator=generator).to(x.device) < 0.5
-        cols = torch.where(mirror[:, None], cols.flip(1), cols)
-    bidx = torch.arange(n, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random `pad`-pixel crop and horizontal flip of a whole batch (CIFAR's augmentation)."""
-    return _random_crop(x, generator, pad, "constant", flip=True)
-
-
-def shift(x: torch.Tensor, generator: torch.Generator, pad: int | None = None) -> torch.Tensor:
-    """Random translation of each image by up to `pad` pixels each way (default: 7 % of its
-    side, 2 pixels on 28x28 MNIST, 1 on 8x8 digits), no flip: digits and letters change meaning
-    mirrored. The border is extended with the edge pixels, i.e. the background, not zeros: on
-    normalised MNIST a zero is not the background's value.
-    LeNet-5 at 71.2x (weights=0.01405), 18 epochs of ramp and fine-tune, 3 seeds
-    (bench/phase_stretch.py --augment none,shift): see docs/benchmarks.md."""
-    if pad is None:
-        pad = max(1, round(0.07 * min(x.shape[-2:])))
-    return _random_crop(x, generator, pad, "replicate", flip=False)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):

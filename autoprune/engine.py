@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import AUGMENTATIONS, TensorData
+from .augment import AUGMENTATIONS
+from .data import TensorData
 from .errors import TrainingDiverged, UserError
 
 
@@ -44,7 +45,7 @@ class Recipe:
     # measured: LeNet-5 at 71x, 4 epochs, x8 gives 0.956 test against 0.783 at x1.
     lr_scale: float = 1.0
     # the batch transform of this phase: "default" is the dataset's own (CIFAR: crop + flip;
-    # MNIST-like: none); "none", "crop-flip" or "shift" (data.augmentation) override it
+    # MNIST-like: none); "none", "crop-flip" or "shift" (augment.py) override it
     augment: str = "default"
 
     def __post_init__(self) -> None:

@@ -196,7 +196,7 @@ class FolderData:
         """One epoch of shuffled, augmented training batches (order from `generator`).
 
         Always the folder's own random-resized-crop augmentation: `augment` may only ask for
-        that (None or True), since the batch transforms of `data.augmentation` work on whole
+        that (None or True), since the batch transforms of `augment.py` work on whole
         in-memory batches of one image size."""
         if augment not in (None, True):
             raise UserError(f"augment {augment!r} is for in-memory datasets; an image folder "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autoprune.data import crop_flip, load_dataset, shift
+from autoprune.augment import crop_flip, shift
+from autoprune.data import load_dataset
 from autoprune.engine import Recipe, evaluate, lr_at, train
 from autoprune.errors import UserError
 from autoprune.models import build_model

@@ -7,7 +7,7 @@ import torch
 
 from autoprune.augment import crop_flip, shift
 from autoprune.data import load_dataset
-from autoprune.engine import Recipe, evaluate, lr_at, train
+from autoprune.engine import Recipe, evaluate, input_layout, lr_at, to_layout, train
 from autoprune.errors import UserError
 from autoprune.models import build_model
 
@@ -110,6 +110,46 @@ def test_training_is_reproducible(digits):
         train(m, sub, Recipe(epochs=1, batch_size=64), seed=7)
         w.append(m.fc2.weight.detach().clone())
     assert torch.equal(w[0], w[1])
+
+
+def test_conv_batches_go_channels_last_with_the_same_values():
+    """One-channel images need the copy: `contiguous(channels_last)` leaves their strides."""
+    for c in (1, 3):
+        x = torch.randn(4, c, 6, 6)
+        out = to_layout(x, True)
+        assert out.stride(1) == 1 and torch.equal(out, x)
+        assert to_layout(x, False) is x
+    flat = torch.randn(4, 16)
+    assert to_layout(flat, True) is flat
+
+
+class _ViewNet(torch.nn.Module):
+    """A hand-written CNN that `.view()`s its feature map: fails on channels_last strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
+
+
+def test_channels_last_only_where_the_model_runs_on_it(digits):
+    """The built-in CNNs get channels_last batches; a model that cannot take them still trains,
+    in the plain layout, and evaluation gives the plain layout's predictions."""
+    assert input_layout(build_model("lenet-digits", 10, 1, 8), digits.example())
+    assert not input_layout(build_model("lenet300", 10, 1, 8), digits.example())
+    view_net = _ViewNet()
+    assert not input_layout(view_net, digits.example()) and view_net.training
+    train(view_net, digits.subset(train=256), Recipe(epochs=1, batch_size=64), seed=0)
+    model = build_model("lenet-digits", 10, 1, 8)
+    train(model, digits.subset(train=512), Recipe(epochs=2, lr=0.05, batch_size=64), seed=0)
+    model.eval()
+    with torch.no_grad():
+        plain = model(digits.test_x.contiguous()).argmax(1)
+    expected = float((plain == digits.test_y).float().mean())
+    assert evaluate(model, digits.test_x, digits.test_y) == pytest.approx(expected, abs=2e-3)
 
 
 def test_lr_scale_is_a_multiplier_of_the_rate(digits):

@@ -43,7 +43,7 @@ def _random_crop(x: torch.Tensor, generator: torch.Generator, pad: int, mode: st
         cols = torch.where(mirror[:, None], cols.flip(1), cols)
     bidx = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # channels_last strides; the engine sets the layout
 
 
 def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

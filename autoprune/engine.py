@@ -208,14 +208,21 @@ def input_layout(model: nn.Module, example: torch.Tensor) -> bool:
 
 
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """`x` in channels_last strides when asked (and 4-D); the same values either way.
+    """A 4-D `x` in exactly the strides asked for (channels_last or plain); the same values.
 
     One-channel images count as contiguous in both layouts, so `Tensor.contiguous` leaves
-    their strides alone; the copy into a channels_last buffer is what sets them.
+    their strides alone; comparing the strides and copying into a buffer of the wanted
+    format is what sets them. Both ways matter: an augmented batch may arrive channels_last
+    for a model that only runs on the plain layout.
     """
-    if not channels_last or x.dim() != 4 or x.stride(1) == 1:
+    if x.dim() != 4:
         return x
-    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    _, c, h, w = x.shape
+    want = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    if x.stride() == want:
+        return x
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt).copy_(x)
 
 
 def _data_parallel() -> tuple[int, int]:

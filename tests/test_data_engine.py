@@ -119,6 +119,8 @@ def test_conv_batches_go_channels_last_with_the_same_values():
         out = to_layout(x, True)
         assert out.stride(1) == 1 and torch.equal(out, x)
         assert to_layout(x, False) is x
+        back = to_layout(out, False)  # and back to the plain strides, which `contiguous` skips
+        assert back.stride() == torch.empty(x.shape).stride() and torch.equal(back, x)
     flat = torch.randn(4, 16)
     assert to_layout(flat, True) is flat
 
@@ -142,7 +144,9 @@ def test_channels_last_only_where_the_model_runs_on_it(digits):
     assert not input_layout(build_model("lenet300", 10, 1, 8), digits.example())
     view_net = _ViewNet()
     assert not input_layout(view_net, digits.example()) and view_net.training
-    train(view_net, digits.subset(train=256), Recipe(epochs=1, batch_size=64), seed=0)
+    for augment in ("none", "shift", "crop-flip"):  # shifted batches come out channels_last
+        train(view_net, digits.subset(train=256), Recipe(epochs=1, batch_size=64,
+                                                         augment=augment), seed=0)
     model = build_model("lenet-digits", 10, 1, 8)
     train(model, digits.subset(train=512), Recipe(epochs=2, lr=0.05, batch_size=64), seed=0)
     model.eval()

@@ -29,7 +29,8 @@ the full ones, and the output says so. `--quick`: digits flops=0.4 only, one see
 Raw results are saved to <out>/results.json after every run; `--render` prints (and with
 `--update-docs` files) their table again. CPU only. `--arms` runs only some arms (the search
 always: its W is the others' budget); `--time-limit` bounds each search's trial stage (the
-papers' targets are "in <= 1 CPU-hour": `--subset 0 --time-limit 14m` keeps W near 30 min).
+papers' targets are "in <= 1 CPU-hour": `--subset 0 --time-limit 14m` keeps W near 30 min);
+without `--trials` such a search starts trials until its time is up, as `autoprune search` does.
 """
 
 from __future__ import annotations
@@ -72,18 +73,25 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def study_file(name: str, root: Path, subset: int) -> Path:
-    """The study to run: the built-in file, or for MNIST-sized data a copy limited to `subset`
-    training images."""
+def study_file(name: str, root: Path, subset: int, augment: str | None = None) -> Path:
+    """The study to run: the built-in file, or a copy: for MNIST-sized data limited to `subset`
+    training images, and with `augment` in place of the pruning and fine-tune recipes' own."""
     from autoprune.paths import STUDIES_DIR
 
     path = STUDIES_DIR / f"{name}.yaml"
-    if name not in SUBSET_STUDIES or subset <= 0:
+    subset = subset if name in SUBSET_STUDIES else 0
+    if subset <= 0 and augment is None:
         return path
     d = yaml.safe_load(path.read_text())
-    d["name"] = f"{name}-sub{subset // 1000}k"
-    d.setdefault("data", {})["train_subset"] = subset
-    d["description"] = f"{d.get('description', '')} (bench copy: first {subset} training images)"
+    if subset > 0:
+        d["name"] = f"{name}-sub{subset // 1000}k"
+        d.setdefault("data", {})["train_subset"] = subset
+        d["description"] = (f"{d.get('description', '')} (bench copy: first {subset} training "
+                            f"images)")
+    if augment is not None:
+        d["name"] = f"{d['name']}-aug-{augment}"
+        for phase in ("prune", "finetune"):
+            d.setdefault(phase, {})["augment"] = augment
     copy = root / "studies" / f"{d['name']}.yaml"
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -91,7 +99,7 @@ def study_file(name: str, root: Path, subset: int) -> Path:
 
 
 def run_search(study_path: Path, study_name: str, budget: str, sampler: str, seed: int,
-               trials: int, workers: int, out: Path, data_root: str | None,
+               trials: int | None, workers: int, out: Path, data_root: str | None,
                dense_ckpt: str, finalists: int, final_epochs: int | None,
                time_limit: float | None = None) -> dict:
     """One search; returns its hypervolume, best in-budget pick and timing."""
@@ -120,7 +128,8 @@ def run_search(study_path: Path, study_name: str, budget: str, sampler: str, see
             "flops": best.get("flops_frac") if best else None,
             "completed": summary["trials_completed"],
             "pruned": summary["trials_pruned"], "feasible": len(feasible),
-            "failed": summary["trials_failed"], "seconds": elapsed,
+            "failed": summary["trials_failed"], "killed": summary.get("trials_killed", 0),
+            "seconds": elapsed,
             "best_trial": best["trial"] if best else None,
             "best_finalist": bool(best and best.get("finalist")),
             "best_search_test": best.get("search_test_accuracy") if best else None,
@@ -257,6 +266,9 @@ def main() -> int:
     ap.add_argument("--time-limit", default=None,
                     help="each search's --time-limit (e.g. 13m): its trial stage stops "
                          "starting trials then; the finalist stage follows")
+    ap.add_argument("--augment", default=None, choices=("none", "shift", "crop-flip"),
+                    help="the augmentation of every arm's pruning and fine-tuning, in place of "
+                         "the study's own (the dense model keeps the study's)")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="only print (and with --update-docs file) the table of a saved run")
     ap.add_argument("--update-docs", action="store_true",
@@ -317,14 +329,18 @@ def main() -> int:
         saved.write_text(json.dumps(res, indent=1))
 
     for name in studies:
-        path = study_file(name, root, args.subset)
+        path = study_file(name, root, args.subset, args.augment)
         st = load_study(str(path))
+        if args.augment is not None:
+            res["notes"].append(f"{name} runs as `{st.name}`: every arm prunes and fine-tunes "
+                                f"with augment: {args.augment}.")
         if st.train_subset:
             res["notes"].append(
                 f"{name} runs as `{st.name}`: a copy of the study that trains (dense, pruning "
                 f"and fine-tuning) on the first {st.train_subset:,} training images only, to "
                 f"fit the time; val and test sets are the full ones.")
-        n = args.trials or st.trials
+        # a time limit with no --trials: each search runs until its time is up
+        n = args.trials or (None if time_limit else st.trials)
         wanted = BUDGETS[name] if not args.budgets else [
             b for b in BUDGETS[name] if b in args.budgets.split(",")]
         if args.quick:
@@ -345,7 +361,8 @@ def main() -> int:
                     r = run_search(path, st.name, budget, sampler, seed, n, args.workers, out,
                                    args.data_root, ckpt, args.finalists, args.final_epochs,
                                    time_limit)
-                    r["trials"] = n
+                    r["trials"] = (r["completed"] + r["pruned"] + r["failed"]
+                                   + r.get("killed", 0))
                     row[sampler].append(r)
                     save()
                     _log(f"  {budget} {sampler} seed {seed}: HV {r['hv']:.4f}, best test "

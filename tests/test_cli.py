@@ -121,11 +121,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(tty, monkeypatch, c
         info(f"  dense epoch {e}: loss 0.5000 val 0.9{e}00")
     info("something else")
     info("[1/4 done, 1 running, 0 failed] trial 0 finished; best in budget: -")
+    # an open-ended search (a time limit, no trial count): a counter without a total
+    info("[7 done, 2 running, 0 failed] trial 6 finished; best in budget: -")
     logging.getLogger("autoprune").setLevel(logging.WARNING)
     out = term.buf.getvalue() if tty else capsys.readouterr().err
     if tty:  # tqdm's bar: counts and a bar, the epoch lines themselves not printed
         assert "dense digits-lenet" in out and "3/3" in out and "1/4" in out
         assert "dense epoch 2:" not in out and "something else" in out
+        assert "trials: 7" in out and "[7 done" not in out
     else:  # the lines as they are
         assert "  dense epoch 2: loss 0.5000 val 0.9200" in out.splitlines()
         assert "[1/4 done" in out and "|" not in out

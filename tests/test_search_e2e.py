@@ -149,6 +149,30 @@ def test_time_limit_stops_and_resume_finishes(ray_session, tmp_path, tiny_space,
 
 
 
+def test_time_limit_without_trials_runs_until_the_time_is_up(ray_session, tmp_path, tiny_space,
+                                                              capsys):
+    """--time-limit with no --trials keeps starting trials past the study's count until the
+    time is up (Optuna's optimize(timeout=...)); ending on the limit is its plan, not a cut."""
+    from autoprune.paths import STUDIES_DIR
+
+    study = tmp_path / "digits-two.yaml"  # a study that asks for 2 trials
+    study.write_text((STUDIES_DIR / "digits-lenet.yaml").read_text()
+                     .replace("trials: 16", "trials: 2"))
+    rc = main(["search", "--study", str(study), "--space", tiny_space, "--budget", "flops=0.4",
+               "--out", str(tmp_path / "runs"), "--time-limit", "20s", "--finalists", "0",
+               "--json"])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    trials = optuna.load_study(
+        study_name="digits-lenet",
+        storage=f"sqlite:///{tmp_path / 'runs' / 'digits-lenet' / 'optuna.db'}").trials
+    assert len(trials) > 2  # past the study's count
+    assert summary["open_ended"] and summary["time_limit_reached"]
+    assert summary["resume_hint"] is None and "ran for its --time-limit" in captured.err
+    assert rc == 0 and summary["trials_completed"] >= 1
+    assert trials[0].user_attrs.get("baseline") is True  # still starts from a hand baseline
+
+
 def test_first_trials_are_the_enqueued_hand_baselines(finished_search):
     """A new search starts from what a user would try by hand: magnitude pruning (one-shot, then
     AGP) at the full budget, size-prior split then uniform split (half the trials at most)."""

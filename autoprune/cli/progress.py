@@ -16,7 +16,8 @@ from typing import Any
 # (pattern, what the bar is of): a start line gives the total, a step line the count.
 DENSE_START = re.compile(r"training the dense baseline of (?P<name>\S+) \((?P<total>\d+) epochs")
 DENSE_STEP = re.compile(r"^\s*dense epoch (?P<n>\d+): (?P<rest>.*)$")
-SEARCH_STEP = re.compile(r"^\[(?P<n>\d+)/(?P<total>\d+) done(?P<rest>.*)$")
+# (no total: an open-ended search, which runs until its time limit)
+SEARCH_STEP = re.compile(r"^\[(?P<n>\d+)(?:/(?P<total>\d+))? done(?P<rest>.*)$")
 
 
 class ProgressHandler(logging.Handler):
@@ -33,7 +34,7 @@ class ProgressHandler(logging.Handler):
             self._bar = None
             self._kind = ""
 
-    def _open(self, kind: str, total: int, desc: str, stream) -> Any:
+    def _open(self, kind: str, total: int | None, desc: str, stream) -> Any:
         from tqdm import tqdm
 
         if self._kind != kind or self._bar is None or self._bar.total != total:
@@ -56,7 +57,7 @@ class ProgressHandler(logging.Handler):
         elif (m := DENSE_STEP.match(msg)) and self._kind == "dense":
             self._step(int(m["n"]), m["rest"])
         elif m := SEARCH_STEP.match(msg):
-            self._open("search", int(m["total"]), "trials", stream)
+            self._open("search", int(m["total"]) if m["total"] else None, "trials", stream)
             self._step(int(m["n"]), m["rest"].strip(" ,]"))
         else:
             from tqdm import tqdm
@@ -68,5 +69,5 @@ class ProgressHandler(logging.Handler):
         bar.set_postfix_str(postfix[:80], refresh=False)
         bar.update(max(n - bar.n, 0))
         bar.refresh()  # steps are seconds apart: show each one
-        if bar.n >= bar.total:
+        if bar.total is not None and bar.n >= bar.total:
             self._close()

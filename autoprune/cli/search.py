@@ -70,7 +70,14 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{summary['trials_killed']} running trials stopped and recorded as killed). "
               f"Resume with:\n  {summary['resume_hint']}", file=sys.stderr)
         return 130
-    if summary.get("time_limit_reached"):
+    if summary.get("time_limit_reached") and summary.get("open_ended"):
+        print(f"autoprune: the search ran for its --time-limit: {summary['trials_completed']} "
+              f"trials completed, {summary['trials_pruned']} stopped early, "
+              f"{summary.get('trials_killed', 0)} running at the limit recorded as killed",
+              file=sys.stderr)
+        if summary["trials_completed"] == 0:
+            return 1  # nothing to show for the time spent
+    elif summary.get("time_limit_reached"):
         print(f"autoprune: --time-limit reached with {summary['trials_completed']} trials "
               f"completed; trials still running were stopped and recorded as killed. Continue "
               f"with:\n  {summary['resume_hint']}", file=sys.stderr)
@@ -123,8 +130,10 @@ def add_commands(sub, common) -> None:
                    help="e.g. flops=0.4, params=0.02 or flops=0.4,params=0.3 "
                         "(default: the study's)")
     p.add_argument("--trials", type=_positive_int, default=None,
-                   help="total number of trials (default: the study's)")
-    p.add_argument("--time-limit", default=None, help="stop starting trials after e.g. 30m")
+                   help="total number of trials (default: the study's; with --time-limit "
+                        "and no --trials, trials start until the time is up)")
+    p.add_argument("--time-limit", default=None,
+                   help="stop starting trials after e.g. 30m (then the finalist stage runs)")
     p.add_argument("--workers", type=_positive_int, default=2, help="concurrent trials")
     p.add_argument("--cpus-per-trial", type=_non_negative_float, default=1.0)
     p.add_argument("--gpus-per-trial", type=_non_negative_float, default=0.0,

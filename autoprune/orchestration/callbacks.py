@@ -118,7 +118,8 @@ class TrackingCallback(Callback):
 class ProgressCallback(Callback):
     """One line per finished trial: counts and the best feasible accuracy so far."""
 
-    def __init__(self, total: int, done_before: int, budget: Budget) -> None:
+    def __init__(self, total: int | None, done_before: int, budget: Budget) -> None:
+        # total None: an open-ended search (a time limit, no trial count)
         self.total, self.done, self.budget = total, done_before, budget
         self.failed = 0
         self.best: tuple[float, str] | None = None
@@ -126,7 +127,8 @@ class ProgressCallback(Callback):
     def _line(self, trials, trial, what: str) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING")
         best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
-        log.info(f"[{self.done}/{self.total} done, {running} running, {self.failed} failed] "
+        of = "" if self.total is None else f"/{self.total}"
+        log.info(f"[{self.done}{of} done, {running} running, {self.failed} failed] "
                  f"trial {trial.config.get(TRIAL_NUMBER_KEY)} {what}; best in budget: {best}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

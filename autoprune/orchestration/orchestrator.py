@@ -110,6 +110,10 @@ def search(opts: SearchOptions) -> dict:
     space_path = _space_path(opts, study)
     space = SearchSpace.load(space_path).for_budget(budget.structured)
     trials = opts.trials or study.trials
+    # a time limit without --trials: trials start until the time is up (as Optuna's
+    # optimize(timeout=...) and Tune's num_samples=-1 do); the study's count then only sizes
+    # the enqueued baselines
+    open_ended = opts.time_limit is not None and opts.trials is None
     if trials < 1 or opts.workers < 1 or opts.cpus_per_trial <= 0 or opts.gpus_per_trial < 0 \
             or opts.trial_workers < 1 or opts.finalists < 0 \
             or (opts.final_epochs is not None and opts.final_epochs < 1):
@@ -136,8 +140,8 @@ def search(opts: SearchOptions) -> dict:
         done = 0
         if local_db is None or local_db.exists():  # (opening creates the file)
             done = finished_before(open_storage(storage_url), study.name, opts.resume)
-        remaining = max(0, trials - done)
-        if remaining > 0 or opts.finalists > 0:  # fail fast (no cluster, no GPUs) before
+        remaining = -1 if open_ended else max(0, trials - done)
+        if remaining != 0 or opts.finalists > 0:  # fail fast (no cluster, no GPUs) before
             init_ray(opts)  # anything is written
         # model, data, dense checkpoint and budget are checked before any store is created
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
@@ -157,7 +161,8 @@ def search(opts: SearchOptions) -> dict:
         tracker = Tracker(tracking_uri, study.name,
                           out / "mlartifacts" if store.sqlite_file(tracking_uri) else None)
         config_record = {"study": study.name, "study_file": study.source,
-                         "space": str(space_path), "budget": str(budget), "trials": trials,
+                         "space": str(space_path), "budget": str(budget),
+                         "trials": "until the time limit" if open_ended else trials,
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
                          "trial_workers": opts.trial_workers, "finalists": opts.finalists,
@@ -179,14 +184,16 @@ def search(opts: SearchOptions) -> dict:
         if fixed:
             log.info(f"recorded {fixed} trial(s) that an earlier driver left unfinished")
         if done:
-            log.info(f"resuming: {done} trials already finished, {remaining} to go")
+            log.info(f"resuming: {done} trials already finished, "
+                     f"{'more until the time limit' if open_ended else remaining} to go")
 
         status = "FINISHED"
         interrupted = False
         trial_seconds = 0.0
-        progress = ProgressCallback(total=trials, done_before=done, budget=budget)
+        progress = ProgressCallback(total=None if open_ended else trials, done_before=done,
+                                    budget=budget)
         ctx = None
-        if remaining > 0 or opts.finalists > 0:
+        if remaining != 0 or opts.finalists > 0:
             if study.objects is not None:  # a custom study's model code goes to the workers
                 study.objects.ship_by_value()
             ctx = TrialContext(study=study, space=space, out=str(out),
@@ -196,15 +203,16 @@ def search(opts: SearchOptions) -> dict:
                                    opts.dense_checkpoint),
                                faults=Faults.from_env(), shared_data=share_data(wb.data),
                                trial_workers=opts.trial_workers, gpus=opts.gpus_per_trial)
-        if remaining > 0:
+        if remaining != 0:
             layers = wb.layers
-            if opts.baselines and not done and remaining > 1:  # start from the hand baselines
-                # (after `reconcile`, which fails trials left waiting by a dead driver)
+            if opts.baselines and not done and (open_ended or remaining > 1):
+                # start from the hand baselines (after `reconcile`, which fails trials left
+                # waiting by a dead driver)
                 table = CostTable.from_accountant(wb.accountant, space.prunable(layers))
                 enqueue_baselines(ot_study, baseline_params(
                     space, table, layers, "filter" if budget.structured else "weight",
                     asdict(study.finetune)),
-                    limit=remaining // 2)
+                    limit=(trials if open_ended else remaining) // 2)
             searcher = PruningSearch(space=Suggest(space, layers),
                                      metric=[k for k, _ in OBJECTIVES],
                                      mode=[m for _, m in OBJECTIVES], sampler=sampler,
@@ -265,10 +273,13 @@ def search(opts: SearchOptions) -> dict:
         summary = summarize(ot_study, tracker, parent_id, budget, dense, study.name,
                             status=status,
                             study_ref=study_ref(opts.study))
-        # the time limit ended the search before the budgeted trials finished
+        # the time limit ended the search before the budgeted trials finished (an open-ended
+        # search always ends on it: that is its plan, and nothing is left to resume)
         timed_out = (opts.time_limit is not None and not interrupted
-                     and finished_count(ot_study) < trials)
-        summary["resume_hint"] = resume_hint(opts) if interrupted or timed_out else None
+                     and (open_ended or finished_count(ot_study) < trials))
+        summary["resume_hint"] = (resume_hint(opts) if interrupted
+                                  or (timed_out and not open_ended) else None)
+        summary["open_ended"] = open_ended
         summary["interrupted"] = interrupted
         summary["finalists"] = finalist_rows(ot_study, stage["chosen"])
         summary["time_limit_reached"] = timed_out

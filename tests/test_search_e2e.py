@@ -173,6 +173,18 @@ def test_time_limit_without_trials_runs_until_the_time_is_up(ray_session, tmp_pa
     assert trials[0].user_attrs.get("baseline") is True  # still starts from a hand baseline
 
 
+def test_an_open_ended_search_resumes_as_one():
+    """Interrupted, a time-limited search without --trials is told to resume with its window
+    (not the study's trial count); one with --trials keeps counting trials."""
+    from autoprune.orchestration.options import parse_duration, resume_hint
+
+    hint = resume_hint(SearchOptions(time_limit=parse_duration("14m")))
+    assert "--time-limit 840s" in hint and "--trials" not in hint
+    assert parse_duration("840s") == 840
+    hint = resume_hint(SearchOptions(trials=5, time_limit=840.0))
+    assert "--trials 5" in hint and "--time-limit" not in hint
+
+
 def test_first_trials_are_the_enqueued_hand_baselines(finished_search):
     """A new search starts from what a user would try by hand: magnitude pruning (one-shot, then
     AGP) at the full budget, size-prior split then uniform split (half the trials at most)."""

@@ -88,8 +88,12 @@ def resume_hint(opts: SearchOptions) -> str:
         study = study.source
     defaults = SearchOptions()
     parts = ["autoprune", "search", "--study", study, "--out", opts.out]
+    # an open-ended search (a time limit, no trial count) resumes as one: another such window
+    window = (f"{opts.time_limit:g}s" if opts.time_limit is not None and opts.trials is None
+              else None)
     for flag, value in (("--space", opts.space), ("--budget", opts.budget),
-                        ("--trials", opts.trials), ("--ray-address", opts.ray_address),
+                        ("--trials", opts.trials), ("--time-limit", window),
+                        ("--ray-address", opts.ray_address),
                         *((f"--{k.replace('_', '-')}", getattr(opts, k))
                           for k in ("workers", "cpus_per_trial", "gpus_per_trial", "sampler",
                                     "scheduler", "seed", "max_failures", "trial_workers",

@@ -159,10 +159,13 @@ def render(res: dict) -> list[str]:
     """The markdown of a results record (what `main` saves as results.json)."""
     seeds, quick, workers = res["seeds"], res["quick"], res["workers"]
     quick_note = " (QUICK smoke run: 1 seed, 8 trials)" if quick else ""
+    count = (f"{res['trials']} trials" if res.get("trials")
+             else "trials until the time limit" if res.get("time_limit")
+             else "the study's trial count")
     lines = [f"# Search quality at equal wall-clock{quick_note}",
              "",
-             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}). Searches: the study's trial "
-             f"count, {workers} workers x 1 CPU, sampler seeded with the seed, then the finalist "
+             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}). Searches: {count}, "
+             f"{workers} workers x 1 CPU, sampler seeded with the seed, then the finalist "
              f"stage; their wall-clock time W (finalists included) is what the uniform and peer "
              f"arms get: one pruning, then as many fine-tune epochs as fit in W. Test acc: test "
              f"accuracy of the arm's pick (a search's most accurate in-budget front point by "
@@ -310,13 +313,15 @@ def main() -> int:
     # Everything the table needs, saved after every run: a crash or Ctrl-C loses nothing, and
     # `--render <out>/results.json` prints (or files) what was measured.
     res = {"quick": args.quick, "seeds": seeds, "workers": args.workers, "notes": [],
-           "arms": arms, "time_limit": time_limit,
+           "arms": arms, "time_limit": time_limit, "trials": args.trials,
            "cases": [], "command": report.command_line(), "machine": report.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_start": report.load(),
            "load_end": None, "seconds": 0.0}
     if time_limit:
         res["notes"].append(f"Each search ran with --time-limit {args.time_limit}: its trial stage "
-                            f"started no trial after that; the finalist stage followed it.")
+                            f"started no trial after that"
+                            f"{'' if args.trials else ' and started trials until then'}; "
+                            f"the finalist stage followed it.")
     if len(arms) < len(ARMS):
         res["notes"].append(f"Arms run: {', '.join(ARM_LABEL[a] for a in arms)} (--arms); "
                             f"the others were not run.")

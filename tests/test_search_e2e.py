@@ -171,6 +171,17 @@ def test_time_limit_without_trials_runs_until_the_time_is_up(ray_session, tmp_pa
     assert summary["resume_hint"] is None and "ran for its --time-limit" in captured.err
     assert rc == 0 and summary["trials_completed"] >= 1
     assert trials[0].user_attrs.get("baseline") is True  # still starts from a hand baseline
+    # --resume runs another such window: more trials, none repeated, the same parent run
+    rc = main(["search", "--study", str(study), "--space", tiny_space, "--budget", "flops=0.4",
+               "--out", str(tmp_path / "runs"), "--time-limit", "15s", "--finalists", "0",
+               "--resume", "--json"])
+    again = json.loads(capsys.readouterr().out)
+    after = optuna.load_study(
+        study_name="digits-lenet",
+        storage=f"sqlite:///{tmp_path / 'runs' / 'digits-lenet' / 'optuna.db'}").trials
+    assert rc == 0 and len(after) > len(trials)
+    assert sorted(t.number for t in after) == list(range(len(after)))
+    assert again["parent_run_id"] == summary["parent_run_id"]
 
 
 def test_an_open_ended_search_resumes_as_one():

@@ -19,8 +19,12 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .names import VAL_ACC
 
 KEYS = ("flops", "sparse_flops", "params", "weights")  # canonical order of `str(budget)`
+# the trial result field holding each kind's kept fraction (`flops_frac` is the compacted count)
+FRACTION_KEYS = {"flops": "flops_frac", "sparse_flops": "sparse_flops_frac",
+                 "params": "params_frac", "weights": "weights_frac"}
 STRUCTURED_KEYS = ("flops",)  # kinds only whole-channel (structured) pruning can lower
 # Fractions are ratios of integers computed in floating point: a model sitting exactly on its
 # limit may land an ulp above it. `satisfied` forgives that much, never more.
@@ -61,6 +65,18 @@ class Budget:
     def structured(self) -> bool:
         """True when only whole-channel pruning can meet it (a `flops=` limit below 1)."""
         return any(self.limits.get(k, 1.0) < 1.0 for k in STRUCTURED_KEYS)
+
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """What the sampler optimises: accuracy up, and the kept fraction of each budgeted kind
+        down (trial result keys, Tune's "max"/"min").
+
+        Only the kinds the user budgets: a kind outside the budget would make the sampler trade
+        accuracy for something nobody asked for. Under `weights=` a FLOPs axis makes every
+        filter-pruned trial a front point, so TPE's "good" set fills with them and the
+        unstructured splits that win that row go unexplored (docs/benchmarks.md, eighth runs).
+        The front the user sees keeps every kind (`pareto.front`); this is the sampler's view.
+        """
+        return ((VAL_ACC, "max"),) + tuple((FRACTION_KEYS[k], "min") for k in self.limits)
 
     def violation(self, fracs: dict[str, float]) -> float:
         """max over limited keys of (fraction - limit): <= 0 means the budget is met."""

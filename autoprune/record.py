@@ -50,8 +50,8 @@ class TrialRecord:
 
     # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study.
     OPTUNA_ATTRS: ClassVar[tuple[str, ...]] = (
-        "method", "test_accuracy", "compact_flops_frac", "sparse_flops_frac", "weights_frac",
-        "checkpoint", "hparams", "granularity",
+        "method", "test_accuracy", FLOPS_FRAC, PARAMS_FRAC, "compact_flops_frac",
+        "sparse_flops_frac", "weights_frac", "checkpoint", "hparams", "granularity",
         "budget_violation", "node_id", "node_ip", "restored_from_checkpoint", "targets",
         "finetune_overrides")
     FAILED_ATTRS: ClassVar[tuple[str, ...]] = ("error", "node_id", "node_ip")
@@ -64,12 +64,13 @@ class TrialRecord:
 
     @classmethod
     def from_optuna(cls, t: Any) -> TrialRecord:
-        """From a COMPLETE Optuna `FrozenTrial` (values: val_accuracy, flops_frac, params_frac)."""
+        """From a COMPLETE Optuna `FrozenTrial` (values[0] is val_accuracy; the other values are
+        the budget's kinds, `Budget.objectives`, so the fractions come from the attributes)."""
         attrs = t.user_attrs
         cons = t.constraints  # Optuna 5: {key: value}, feasible when every value <= 0
         violation = max(cons.values()) if cons else attrs.get("budget_violation", 0.0)
         return cls(trial=t.number, method=attrs.get("method"), val_accuracy=t.values[0],
-                   flops_frac=t.values[1], params_frac=t.values[2],
+                   flops_frac=_fraction(t, FLOPS_FRAC, 1), params_frac=_fraction(t, PARAMS_FRAC, 2),
                    test_accuracy=attrs.get("test_accuracy"),
                    compact_flops_frac=attrs.get("compact_flops_frac"),
                    sparse_flops_frac=attrs.get("sparse_flops_frac"),
@@ -127,3 +128,11 @@ def _json(value: Any) -> dict | None:
         return json.loads(value) if isinstance(value, str) else None
     except json.JSONDecodeError:
         return None
+
+
+def _fraction(t: Any, key: str, legacy_index: int) -> float:
+    """A kept fraction of trial `t`: its attribute, or, in a study made before the fractions
+    were kept as attributes, its objective value (then always val, flops, params)."""
+    if key in t.user_attrs:
+        return float(t.user_attrs[key])
+    return t.values[legacy_index]

@@ -123,7 +123,7 @@ def test_search_on_a_user_model_class_and_tensors(ray_session, tmp_path, tensors
     complete = [t for t in ot.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4
     for t in complete:
-        assert budget.satisfied({"flops": t.values[1], "params": t.values[2]})
+        assert budget.satisfied({"flops": t.values[1], "params": t.user_attrs["params_frac"]})
 
     client = MlflowClient(summary["tracking_uri"])
     exp = client.get_experiment_by_name("tiny-search")

@@ -26,7 +26,6 @@ from .. import store
 from ..budget import Budget
 from ..data import data_root
 from ..errors import UserError
-from ..names import OBJECTIVES
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
@@ -148,7 +147,7 @@ def search(opts: SearchOptions) -> dict:
                             checkpoint=opts.dense_checkpoint, log=log.info)
         _check_budget_reachable(wb, budget, space)
         storage = open_storage(storage_url)
-        ot_study = prepare_optuna(storage, study.name, sampler)
+        ot_study, objectives = prepare_optuna(storage, study.name, sampler, budget.objectives())
         dense = {"val_accuracy": wb.dense["val_accuracy"],
                  "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
                  "params": wb.dense["params"]}
@@ -214,8 +213,8 @@ def search(opts: SearchOptions) -> dict:
                     asdict(study.finetune)),
                     limit=(trials if open_ended else remaining) // 2)
             searcher = PruningSearch(space=Suggest(space, layers),
-                                     metric=[k for k, _ in OBJECTIVES],
-                                     mode=[m for _, m in OBJECTIVES], sampler=sampler,
+                                     metric=[k for k, _ in objectives],
+                                     mode=[m for _, m in objectives], sampler=sampler,
                                      storage=storage, study_name=study.name)
             # ASHA compares pruned models at equal fine-tune epochs, never prune phases
             scheduler = make_scheduler(opts.scheduler, max_finetune_epochs(

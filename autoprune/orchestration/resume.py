@@ -8,6 +8,7 @@ killed, and `reconcile` gives every trial exactly one MLflow child run in the ma
 from __future__ import annotations
 
 import fcntl
+import logging
 from pathlib import Path
 
 import optuna
@@ -15,10 +16,16 @@ from optuna.trial import TrialState
 
 from .. import store
 from ..errors import UserError
+from ..names import OBJECTIVES as LEGACY_OBJECTIVES
+from ..pareto import Objectives
 from ..record import TrialRecord
 from ..store import KILLED_ATTR, redact
 from .callbacks import KILLED_ERROR
 from .scheduler import STOPPED_ATTR, stop_note
+
+log = logging.getLogger("autoprune")
+OBJECTIVES_ATTR = "objectives"  # Optuna study attr: [[result key, "max"|"min"], ...]
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 
 class StudyLock:
@@ -71,13 +78,32 @@ def finished_before(storage: optuna.storages.RDBStorage, name: str, resume: bool
     return finished_count(study)
 
 
-def prepare_optuna(storage: optuna.storages.RDBStorage, name: str, sampler) -> optuna.Study:
-    """Load or create the study; fail the trials a dead driver left RUNNING."""
+def prepare_optuna(storage: optuna.storages.RDBStorage, name: str, sampler,
+                   objectives: Objectives) -> tuple[optuna.Study, Objectives]:
+    """Load or create the study; fail the trials a dead driver left RUNNING.
+
+    Returns the study and the objectives its sampler optimises (trial result keys with "max" or
+    "min"): `objectives` for a new study, kept as a study attribute; an existing study keeps
+    those it was made with (Optuna cannot change a study's directions), and a study made before
+    they followed the budget has accuracy, FLOPs and params.
+    """
     study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
-                                directions=["maximize", "minimize", "minimize"],
+                                directions=[DIRECTIONS[m] for _, m in objectives],
                                 load_if_exists=True)
+    stored = study.user_attrs.get(OBJECTIVES_ATTR)
+    directions = [d.name.lower() for d in study.directions]
+    if stored is None and (study.get_trials(deepcopy=False)
+                           or directions != [DIRECTIONS[m] for _, m in objectives]):
+        stored = LEGACY_OBJECTIVES  # made by a version without the attribute
+    if stored is None:  # a new study (or an empty one this code made)
+        study.set_user_attr(OBJECTIVES_ATTR, [list(o) for o in objectives])
+        stored = objectives
+    kept = tuple((str(k), str(m)) for k, m in stored)
+    if kept != tuple(objectives):
+        log.warning(f"this study optimises {', '.join(k for k, _ in kept)} (as when it was "
+                    f"made); the budget's kinds would give {', '.join(k for k, _ in objectives)}")
     fail_unfinished(study, storage)
-    return study
+    return study, kept
 
 
 def fail_unfinished(ot_study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:

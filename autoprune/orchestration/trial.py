@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from ..budget import Budget
+from ..budget import FRACTION_KEYS, Budget
 from ..device import set_threads
 from ..errors import TrainingDiverged, UserError
 from ..pipeline import Workbench, budget_fractions, granularity_of, run_pruning
@@ -124,7 +124,7 @@ def _get_checkpoint() -> tune.Checkpoint | None:
     return tune.get_checkpoint()
 
 
-def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
+def _save_pruned(state: PrunedState, fingerprint: dict, fracs: dict[str, float]) -> None:
     """Report the between-phases state as this trial's Tune checkpoint."""
     with tempfile.TemporaryDirectory(prefix="autoprune-ckpt-") as d:
         torch.save({"state": state.state, "masks": state.masks}, Path(d) / CKPT_STATE)
@@ -132,8 +132,7 @@ def _save_pruned(state: PrunedState, fingerprint: dict) -> None:
         last = state.history[-1] if state.history else {}
         _report({"val_accuracy": float(last.get("val_accuracy", 0.0)),
                      "loss": float(last.get("loss", 0.0)), "phase": "pruned",
-                     "is_final": False, "flops_frac": fingerprint["flops_frac"],
-                     "params_frac": fingerprint["params_frac"]},
+                     "is_final": False, **fracs},
                     checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -172,7 +171,7 @@ def _failure(exc: BaseException) -> dict:
         detail = "".join(traceback.format_exception(exc))
     return {"failed": True, "error": error.splitlines()[0] if error else "error",
             "error_detail": detail, "is_final": True, "val_accuracy": 0.0,
-            "flops_frac": 1.0, "params_frac": 1.0}
+            **{key: 1.0 for key in FRACTION_KEYS.values()}}
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -212,6 +211,8 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
             allocation = with_prior(allocation, size_prior(table, list(allocation), gran))
         targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
+    # every report carries the four fractions: the sampler's objectives are the budget's kinds
+    planned_fracs = {FRACTION_KEYS[k]: v for k, v in planned.items()}
     ctx.faults.on_start(number)
     fingerprint = {"trial": number, "method": plan.method, "model": wb.study.model,
                    "targets": targets, "flops_frac": planned["flops"],
@@ -226,9 +227,8 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
         # Intermediate reports are never final results. ASHA compares trials only on the
         # reports that carry RUNG_KEY: fine-tune epochs of feasible trials (scheduler.py).
         metrics = {"val_accuracy": rec["val_accuracy"], "loss": rec["loss"],
-                   "flops_frac": planned["flops"], "params_frac": planned["params"],
-                   "phase": rec["phase"], "epoch": rec["epoch"], "step": rec.get("step", 0),
-                   "is_final": False}
+                   **planned_fracs, "phase": rec["phase"], "epoch": rec["epoch"],
+                   "step": rec.get("step", 0), "is_final": False}
         k = rung_epoch(rec, ft_epochs, feasible)
         if k is not None:
             metrics[RUNG_KEY], metrics[SIZE_KEY] = k, share
@@ -237,7 +237,8 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
 
     model, m = run_pruning(wb, plan.method, plan.params, targets, finetune=plan.finetune,
                            seed=ctx.seed + max(number, 0), on_epoch=progress,
-                           on_pruned=lambda s: _save_pruned(s, fingerprint), resume=resume)
+                           on_pruned=lambda s: _save_pruned(s, fingerprint, planned_fracs),
+                           resume=resume)
     fracs = budget_fractions(m)
     ckpt = save_weights(model, Path(ctx.study_dir) / "checkpoints" / f"trial-{number}.pt")
     final = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and

@@ -7,6 +7,7 @@ empty column in the MLflow UI rather than an error).
 
 # Metrics of one pruned model (and of the dense baseline, with DENSE_PREFIX on the parent run).
 VAL_ACC = "val_accuracy"
+VAL_LOSS = "val_loss"  # mean cross-entropy on the validation split: breaks accuracy ties
 TEST_ACC = "test_accuracy"
 FLOPS_FRAC = "flops_frac"  # pruned MACs / dense MACs (mask-aware)
 PARAMS_FRAC = "params_frac"  # non-zero params / dense params

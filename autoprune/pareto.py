@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .names import FLOPS_FRAC, OBJECTIVES, PARAMS_FRAC, VAL_ACC
+from .names import FLOPS_FRAC, OBJECTIVES, PARAMS_FRAC, VAL_ACC, VAL_LOSS
 
 Objectives = Sequence[tuple[str, str]]
 
@@ -52,10 +52,37 @@ def _matrix(points: Sequence[Mapping[str, Any]], objectives: Objectives) -> np.n
     return raw.reshape(len(points), len(objectives)) * signs
 
 
+def _loss(point: Mapping[str, Any]) -> float:
+    """The validation loss, +inf where unknown (a record from before it was kept)."""
+    v = _value(point, VAL_LOSS)
+    return math.inf if math.isnan(v) else v
+
+
+def _ranked(points: Sequence[Mapping[str, Any]], objectives: Objectives) -> np.ndarray:
+    """`_matrix` with accuracy ranked lexicographically: (accuracy, then lower val loss).
+
+    Why: accuracy on a small validation set is coarse (digits: 144 images, one is 0.7 points),
+    so models tie often; on a tie the smaller used to dominate, and the search named as best a
+    model 2.5 test points worse than its equally scored, lower-loss sibling (docs/benchmarks.md,
+    ninth runs). Ranks keep every order of accuracies that differ; only ties are split.
+    """
+    m = _matrix(points, objectives)
+    cols = [i for i, (k, _) in enumerate(objectives) if k == VAL_ACC]
+    if not cols:
+        return m
+    col = cols[0]
+    keys = [(m[i, col], _loss(p)) for i, p in enumerate(points)]
+    order = sorted({k for k in keys if not math.isnan(k[0])})
+    rank = {k: float(r) for r, k in enumerate(order)}
+    m[:, col] = [rank.get(k, math.nan) if not math.isnan(k[0]) else math.nan for k in keys]
+    return m
+
+
 def dominates(a: Mapping[str, Any], b: Mapping[str, Any],
               objectives: Objectives = OBJECTIVES) -> bool:
-    """True if `a` is at least as good as `b` in every objective and better in one."""
-    m = _matrix([a, b], objectives)
+    """True if `a` is at least as good as `b` in every objective and better in one (equal
+    accuracies: the lower validation loss is the better)."""
+    m = _ranked([a, b], objectives)
     return bool(np.all(m[0] <= m[1]) and np.any(m[0] < m[1]))
 
 
@@ -67,7 +94,7 @@ def front(points: Sequence[Mapping[str, Any]], objectives: Objectives = OBJECTIV
     with a missing or NaN objective are never on the front. Every other point is then weakly
     dominated by a front point (dominated, or equal to an earlier front point).
     """
-    return _nondominated(_matrix(points, objectives))
+    return _nondominated(_ranked(points, objectives))
 
 
 def _nondominated(m: np.ndarray) -> list[int]:
@@ -160,7 +187,8 @@ def best(front_pts: Sequence[Mapping[str, Any]],
          retrained: str = "finalist") -> Mapping[str, Any] | None:
     """The point a search names best among the points of its front: the most accurate of
     those retrained at full length (`retrained` true) where any are, else of all; on a tie in
-    accuracy the smaller model (FLOPs, then parameters), then the earlier point.
+    accuracy the lower validation loss, then the smaller model (FLOPs, then parameters), then
+    the earlier point.
 
     Why the retrained first: a finalist's accuracy comes after the full fine-tune, any other
     trial's after the short one, so comparing the two compares training lengths. The finalists
@@ -172,5 +200,5 @@ def best(front_pts: Sequence[Mapping[str, Any]],
     pool = [p for p in front_pts if p.get(retrained)] or list(front_pts)
     if not pool:
         return None
-    return min(pool, key=lambda p: (-_value(p, VAL_ACC), _value(p, FLOPS_FRAC),
+    return min(pool, key=lambda p: (-_value(p, VAL_ACC), _loss(p), _value(p, FLOPS_FRAC),
                                     _value(p, PARAMS_FRAC)))

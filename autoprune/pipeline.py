@@ -19,7 +19,7 @@ from torch import nn
 from .data import TensorData, load_dataset
 from .dense import dense_baseline
 from .device import default_device
-from .engine import Recipe, evaluate_split
+from .engine import Recipe, evaluate_split, evaluate_with_loss
 from .flops import Accountant, count_dense
 from .models import build_model
 from .pruning import get_method
@@ -139,9 +139,10 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
     counts = wb.accountant.count(model)
     compacted = compact(model, wb.data.example(), wb.accountant.graph)
     c_macs, c_params = count_dense(compacted, wb.data.example())
+    val_accuracy, val_loss = evaluate_with_loss(model, wb.data, "val")
     metrics = {
         "method": method,
-        "val_accuracy": evaluate_split(model, wb.data, "val"),
+        "val_accuracy": val_accuracy, "val_loss": val_loss,
         "test_accuracy": evaluate_split(model, wb.data, "test"),
         "dense_val_accuracy": wb.dense["val_accuracy"],
         "dense_test_accuracy": wb.dense["test_accuracy"],

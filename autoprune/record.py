@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
-from .names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC
+from .names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC, VAL_LOSS
 
 FEASIBLE_TOLERANCE = 1e-12
 
@@ -27,6 +27,7 @@ class TrialRecord:
     flops_frac: float
     params_frac: float
     test_accuracy: float | None = None
+    val_loss: float | None = None  # breaks ties of val_accuracy (pareto.py)
     compact_flops_frac: float | None = None
     sparse_flops_frac: float | None = None  # MACs of nonzero weights (flops_frac: compacted)
     weights_frac: float | None = None  # nonzero conv/linear weights
@@ -50,17 +51,17 @@ class TrialRecord:
 
     # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study.
     OPTUNA_ATTRS: ClassVar[tuple[str, ...]] = (
-        "method", "test_accuracy", FLOPS_FRAC, PARAMS_FRAC, "compact_flops_frac",
+        "method", "test_accuracy", VAL_LOSS, FLOPS_FRAC, PARAMS_FRAC, "compact_flops_frac",
         "sparse_flops_frac", "weights_frac", "checkpoint", "hparams", "granularity",
         "budget_violation", "node_id", "node_ip", "restored_from_checkpoint", "targets",
         "finetune_overrides")
     FAILED_ATTRS: ClassVar[tuple[str, ...]] = ("error", "node_id", "node_ip")
     # Numbers of a trial's final Tune result logged as its MLflow run's metrics.
     RESULT_METRICS: ClassVar[tuple[str, ...]] = (
-        "val_accuracy", "test_accuracy", "flops_frac", "sparse_flops_frac", "params_frac",
-        "weights_frac", "compact_flops_frac",
-        "compact_params_frac", "flops", "params", "weight_compression", "budget_violation",
-        "target", "dense_val_accuracy", "dense_test_accuracy", "restored_from_checkpoint")
+        "val_accuracy", VAL_LOSS, "test_accuracy", "flops_frac", "sparse_flops_frac",
+        "params_frac", "weights_frac", "compact_flops_frac", "compact_params_frac", "flops",
+        "params", "weight_compression", "budget_violation", "target", "dense_val_accuracy",
+        "dense_test_accuracy", "restored_from_checkpoint")
 
     @classmethod
     def from_optuna(cls, t: Any) -> TrialRecord:
@@ -71,7 +72,7 @@ class TrialRecord:
         violation = max(cons.values()) if cons else attrs.get("budget_violation", 0.0)
         return cls(trial=t.number, method=attrs.get("method"), val_accuracy=t.values[0],
                    flops_frac=_fraction(t, FLOPS_FRAC, 1), params_frac=_fraction(t, PARAMS_FRAC, 2),
-                   test_accuracy=attrs.get("test_accuracy"),
+                   test_accuracy=attrs.get("test_accuracy"), val_loss=attrs.get(VAL_LOSS),
                    compact_flops_frac=attrs.get("compact_flops_frac"),
                    sparse_flops_frac=attrs.get("sparse_flops_frac"),
                    weights_frac=attrs.get("weights_frac"),
@@ -88,6 +89,7 @@ class TrialRecord:
             return self
         return replace(self, val_accuracy=float(result["val_accuracy"]),
                        test_accuracy=result.get("test_accuracy"),
+                       val_loss=result.get(VAL_LOSS),
                        checkpoint=result.get("checkpoint", self.checkpoint), finalist=True,
                        final_epochs=result.get("epochs"),
                        # the rerun command then repeats the finalist, not the short trial
@@ -109,7 +111,7 @@ class TrialRecord:
 
     def metrics(self) -> dict[str, float]:
         """The numbers of the trial's MLflow run (those the Optuna study keeps)."""
-        extra = {"test_accuracy": self.test_accuracy,
+        extra = {"test_accuracy": self.test_accuracy, VAL_LOSS: self.val_loss,
                  "search_val_accuracy": self.search_val_accuracy,
                  "search_test_accuracy": self.search_test_accuracy,
                  "compact_flops_frac": self.compact_flops_frac,

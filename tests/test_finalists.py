@@ -26,22 +26,22 @@ from autoprune.record import TrialRecord
 STUDY = "digits-lenet"
 
 
-def _rec(trial: int, val: float, flops: float, params: float, feasible: bool = True
-         ) -> TrialRecord:
+def _rec(trial: int, val: float, flops: float, params: float, feasible: bool = True,
+         loss: float | None = None) -> TrialRecord:
     return TrialRecord(trial=trial, method="magnitude", val_accuracy=val, flops_frac=flops,
-                       params_frac=params, layer_sparsity={"conv1": 0.5}, feasible=feasible)
+                       params_frac=params, layer_sparsity={"conv1": 0.5}, feasible=feasible,
+                       val_loss=loss)
 
 
-def test_choose_takes_the_most_accurate_in_budget_front_points():
-    records = [_rec(0, 0.90, 0.10, 0.30),
-               _rec(1, 0.95, 0.39, 0.35),
+def test_choose_takes_the_most_accurate_in_budget_trials():
+    records = [_rec(0, 0.90, 0.10, 0.30),  # on the front for its FLOPs, but least accurate
+               _rec(1, 0.95, 0.39, 0.35, loss=0.20),
                _rec(2, 0.99, 0.45, 0.45, feasible=False),  # over budget: never a finalist
                _rec(3, 0.93, 0.20, 0.20),
-               _rec(4, 0.92, 0.39, 0.36)]  # dominated by trial 1: not on the front
-    assert [r.trial for r in choose(records, 2)] == [1, 3]
-    assert [r.trial for r in choose(records, 3)] == [1, 3, 0]
-    # a front smaller than k is topped up with the most accurate other in-budget trials
-    assert [r.trial for r in choose(records, 10)] == [1, 3, 0, 4]
+               _rec(4, 0.95, 0.30, 0.30, loss=0.10)]  # ties trial 1, lower loss: before it
+    assert [r.trial for r in choose(records, 2)] == [4, 1]
+    assert [r.trial for r in choose(records, 3)] == [4, 1, 3]
+    assert [r.trial for r in choose(records, 10)] == [4, 1, 3, 0]
     assert choose(records, 0) == []
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoprune.names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC
+from autoprune.names import FLOPS_FRAC, PARAMS_FRAC, VAL_ACC, VAL_LOSS
 from autoprune.pareto import DEFAULT_REF, best, dominates, front, hypervolume
 
 
@@ -83,6 +83,21 @@ def test_best_prefers_the_retrained_finalists_over_a_short_trial():
     a, b = pt(0.95, 0.3, 0.3), pt(0.95, 0.2, 0.3)
     assert best([a, b]) is b and best([a, dict(a)]) is a
     assert best([]) is None
+
+
+def test_equal_accuracy_is_decided_by_validation_loss():
+    """Digits flops=0.4, seed 2 (ninth runs): two finalists scored val 0.9861 (142 of 144); the
+    smaller was named best and tested 0.958, the other (val loss 0.038 against 0.071) 0.983.
+    On equal accuracy the lower loss now ranks first, on the front and for best; a higher
+    accuracy still wins whatever its loss, and hypervolume reads the accuracies alone."""
+    small = {**pt(0.9861, 0.23, 0.11), VAL_LOSS: 0.071, "trial": 8}
+    large = {**pt(0.9861, 0.26, 0.10), VAL_LOSS: 0.038, "trial": 12}
+    worse = {**pt(0.9792, 0.20, 0.10), VAL_LOSS: 0.010, "trial": 13}
+    assert front([small, large, worse]) == [0, 1, 2]  # small no longer dominates large
+    assert dominates(large, {**large, VAL_LOSS: 0.05}) and not dominates(worse, large)
+    assert best([small, large, worse])["trial"] == 12
+    assert best([small, {**large, VAL_LOSS: None}])["trial"] == 8  # unknown loss: not preferred
+    assert hypervolume([small, large]) == hypervolume([{**small, VAL_LOSS: 9}, large])
 
 
 def test_bad_mode_rejected():

@@ -73,6 +73,12 @@ def test_finalists_retrain_and_best_export_report_use_them(searched, tmp_path):
         assert result["phase_epochs"] == pytest.approx(3.5 / 3)
         assert json.loads(result["hparams"])["epochs"] == pytest.approx(3.5 / 3)
     search_time = {r.trial: r for r in store.trial_records(ot, finalists=False)}
+    # the most accurate in-budget trials (ties: the lower validation loss, kept for each)
+    ranked = sorted((r for r in search_time.values() if r.feasible),
+                    key=lambda r: (-r.val_accuracy, r.val_loss, r.flops_frac, r.params_frac))
+    assert all(r.val_loss is not None and r.val_loss > 0 for r in ranked)
+    assert sorted(f["trial"] for f in finals) == sorted(r.trial for r in ranked[:2])
+    assert all(ot.user_attrs[f"finalist.{f['trial']}"]["val_loss"] > 0 for f in finals)
     for f in finals:  # chosen by search-time accuracy, among in-budget trials
         assert search_time[f["trial"]].feasible
         assert f["search_val_accuracy"] == search_time[f["trial"]].val_accuracy

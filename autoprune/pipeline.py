@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import FRACTION_KEYS
 from .data import TensorData, load_dataset
 from .dense import dense_baseline
 from .device import default_device
@@ -94,8 +95,7 @@ class Workbench:
 
 def budget_fractions(metrics: dict[str, Any]) -> dict[str, float]:
     """A run's kept fractions keyed by budget kind, as `Budget.violation` reads them."""
-    return {"flops": metrics["flops_frac"], "sparse_flops": metrics["sparse_flops_frac"],
-            "params": metrics["params_frac"], "weights": metrics["weights_frac"]}
+    return {kind: metrics[key] for kind, key in FRACTION_KEYS.items()}
 
 
 def granularity_of(wb: Workbench, method: str, params: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from ray.tune.schedulers import TrialScheduler
 from autoprune import store
 from autoprune.orchestration.options import SearchOptions, resume_hint
 from autoprune.orchestration.scheduler import (
+    BASELINE_KEY,
     RUNG_KEY,
     SIZE_KEY,
     STOPPED_ATTR,
@@ -132,6 +133,48 @@ def test_size_aware_asha_stops_the_dominated_and_keeps_the_front():
                                            SIZE_KEY: 0.7}) == TrialScheduler.CONTINUE
     # results without the rung key (prune phase, final result) are never compared
     assert sched.on_trial_result(None, c, {"val_accuracy": 0.0}) == TrialScheduler.CONTINUE
+
+
+def test_an_enqueued_baseline_sets_the_bar_but_is_never_stopped():
+    # At params=0.05 on digits the global-magnitude baseline recovers late: stopped at its
+    # first rung it left the search below the peer that is that very pruning (ninth runs).
+    sched = SizeAwareASHA(max_t=4)
+    lead = SimpleNamespace(trial_id="lead", config={})
+    base = SimpleNamespace(trial_id="base", config={BASELINE_KEY: True})
+    weak = SimpleNamespace(trial_id="weak", config={})
+    for epoch in (1, 2):
+        assert sched.on_trial_result(None, lead, {RUNG_KEY: epoch, "val_accuracy": 0.90,
+                                                  SIZE_KEY: 1.0}) == TrialScheduler.CONTINUE
+    # in the lower half at epochs 1 and 2, the baseline goes on both times
+    for epoch in (1, 2):
+        assert sched.on_trial_result(None, base, {RUNG_KEY: epoch, "val_accuracy": 0.50,
+                                                  SIZE_KEY: 1.0}) == TrialScheduler.CONTINUE
+    assert sched.stopped == 0 and sched.spared == 2
+    assert sched.rungs[1]["base"] == (0.50, 1.0)  # recorded: it still sets the bar
+    # a sampled trial as weak as the baseline was is stopped as before
+    assert sched.on_trial_result(None, weak, {RUNG_KEY: 1, "val_accuracy": 0.40,
+                                              SIZE_KEY: 1.0}) == TrialScheduler.STOP
+    assert sched.stopped == 1
+
+
+def test_the_searcher_marks_enqueued_baselines_in_their_config():
+    from autoprune.orchestration.baselines import enqueue_baselines
+    from autoprune.orchestration.searcher import TRIAL_NUMBER_KEY, PruningSearch
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s",
+                                directions=["maximize", "minimize"])
+    assert enqueue_baselines(study, [{"x": 0.5}], limit=1) == 1
+
+    def space(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+
+    searcher = PruningSearch(space=space, metric=["val_accuracy", "flops_frac"],
+                             mode=["max", "min"], storage=storage, study_name="s",
+                             sampler=optuna.samplers.RandomSampler(seed=0))
+    first, second = searcher.suggest("t0"), searcher.suggest("t1")
+    assert first == {"x": 0.5, TRIAL_NUMBER_KEY: 0, BASELINE_KEY: True}
+    assert BASELINE_KEY not in second and second[TRIAL_NUMBER_KEY] == 1
 
 
 def test_rungs_leave_out_infeasible_trials_and_last_epochs():

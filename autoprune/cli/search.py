@@ -151,7 +151,7 @@ def add_commands(sub, common) -> None:
                         "(default 3; 0: none)")
     p.add_argument("--final-epochs", type=_positive_int, default=None,
                    help="fine-tune epochs of the finalists (default: as many as fit in their "
-                        "share of the trial stage's time, 3x to 25x the study's); a method "
+                        "share of the search's time before them, 3x to 25x the study's); a method "
                         "with a phase of its own (AGP, ADMM, L0) shares them with that phase "
                         "as its trial did")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")

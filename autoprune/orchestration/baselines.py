@@ -24,6 +24,7 @@ from ..pruning import get_method
 from .projection import CostTable, size_prior
 from .space import Dist, SearchSpace
 
+BASELINE_ATTR = "baseline"  # Optuna user attr of an enqueued baseline trial
 log = logging.getLogger("autoprune")
 
 
@@ -102,7 +103,7 @@ def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limi
     if ot_study.trials or limit <= 0:
         return 0  # a resumed study keeps what it has
     for p in params[:limit]:
-        ot_study.enqueue_trial(p, user_attrs={"baseline": True})
+        ot_study.enqueue_trial(p, user_attrs={BASELINE_ATTR: True})
     n = min(len(params), limit)
     if n:
         log.info(f"the first {n} trials are hand baselines (enqueued)")

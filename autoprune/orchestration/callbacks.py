@@ -19,10 +19,10 @@ from ray.tune import Callback, Stopper
 
 from ..budget import Budget
 from ..record import TrialRecord
-from .scheduler import RUNG_KEY, stop_note
+from .scheduler import BASELINE_KEY, RUNG_KEY, stop_note
 from .searcher import TRIAL_NUMBER_KEY
 
-_INTERNAL = {TRIAL_NUMBER_KEY}
+_INTERNAL = {TRIAL_NUMBER_KEY, BASELINE_KEY}
 CURVE_KEYS = ("step", "epoch", "phase", "val_accuracy", "loss")  # of an epoch's report
 FINAL_METRICS = TrialRecord.RESULT_METRICS
 NODE_KEYS = ("node_id", "node_ip")  # where the trial ran, as params of its MLflow run

@@ -44,7 +44,7 @@ from .trial import TrialContext
 
 log = logging.getLogger("autoprune")
 EPOCH_FACTOR = 3  # finalists fine-tune at least this many times the study's trial fine-tune
-MAX_FACTOR = 25  # and, when their length follows the time of the trial stage, at most this
+MAX_FACTOR = 25  # and, when their length follows the search's time, at most this
 SECONDS_ATTR = "finalist_seconds"  # Optuna study attr: each finalist's time, fixed once
 
 
@@ -82,10 +82,12 @@ def final_epochs(study: Study, given: int | None) -> int:
 
 
 def finalist_seconds(trial_seconds: float, k: int, at_once: int) -> float:
-    """Each finalist's time when the stage is to last about as long as the trial stage did
-    (`k` finalists, `at_once` at a time, see `pack`): half the search explores, half exploits.
-    A short trial stage (tiny studies, where a search's time is mostly start-up) still gives
-    each finalist `final_epochs`."""
+    """Each finalist's time when the stage is to last about as long as the search before it
+    (`trial_seconds`: the trial stage with its start-up, Ray's included, not the dense model's
+    training; `k` finalists, `at_once` at a time, see `pack`): half the user's wall-clock
+    explores, half exploits. Counting the trial stage alone gave the digits finalists 14-17 s
+    of searches lasting 36-47 s (docs/benchmarks.md, ninth runs).
+    A short search still gives each finalist `final_epochs`."""
     rounds = -(-max(k, 1) // max(at_once, 1))
     return max(0.0, trial_seconds) / rounds
 

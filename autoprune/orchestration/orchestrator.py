@@ -134,6 +134,7 @@ def search(opts: SearchOptions) -> dict:
         raise UserError(f"cannot write to --out {out}: {exc.strerror}") from None
 
     with StudyLock(study_dir):
+        t_start = time.monotonic()  # the finalists get as long as the search before them
         storage_url = store.optuna_url(study_dir, opts.optuna_storage)
         local_db = store.sqlite_file(storage_url)
         done = 0
@@ -143,8 +144,10 @@ def search(opts: SearchOptions) -> dict:
         if remaining != 0 or opts.finalists > 0:  # fail fast (no cluster, no GPUs) before
             init_ray(opts)  # anything is written
         # model, data, dense checkpoint and budget are checked before any store is created
+        t_open = time.monotonic()
         wb = Workbench.open(study, out, data_root=opts.data_root, seed=opts.seed,
                             checkpoint=opts.dense_checkpoint, log=log.info)
+        t_open = time.monotonic() - t_open  # (may train the dense model: not search time)
         _check_budget_reachable(wb, budget, space)
         storage = open_storage(storage_url)
         ot_study, objectives = prepare_optuna(storage, study.name, sampler, budget.objectives())
@@ -239,21 +242,22 @@ def search(opts: SearchOptions) -> dict:
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                     checkpoint_config=tune.CheckpointConfig()),
             )
-            t_fit = time.monotonic()
             try:
                 with stop.installed():
                     tuner.fit()
             except KeyboardInterrupt:  # a second Ctrl-C: quit without Tune's graceful stop
                 interrupted = True
             interrupted = interrupted or stop.requested
-            trial_seconds = time.monotonic() - t_fit
+            # the search's time before the finalists: the trial stage and its start-up (Ray,
+            # stores, workers), not the dense model's training
+            trial_seconds = time.monotonic() - t_start - t_open
             if interrupted:
                 status = "KILLED"
             reconcile(ot_study, storage, tracker, parent_id)
 
         stage = {"chosen": [], "ran": 0, "interrupted": False}
         # --final-epochs fixes the finalists' length; by default the stage lasts about as long
-        # as the trial stage (finalists.finalist_seconds), the study's 3x as the least
+        # as the search before it (finalists.finalist_seconds), the study's 3x as the least
         # (a resumed stage reuses the time first fixed: run_stage keeps it on the study)
         # (a data-parallel trial's CPUs go to single-process finalists: pack shares them)
         final_cpus = opts.cpus_per_trial * opts.trial_workers

@@ -5,7 +5,8 @@ Three things Ray's class does not do (see STACK_NOTES.md):
   replacement for samplers' `constraints_func`): infeasible trials never shape the front;
 - tell a trial that a scheduler stopped early as PRUNED, not COMPLETE with truncated values (a
   trial's final report carries `is_final`), and a trial that reported failure as FAIL;
-- put the Optuna trial number into the config, so that the driver, MLflow and Optuna agree on
+- put the Optuna trial number into the config (and `BASELINE_KEY` for an enqueued hand
+  baseline, which the scheduler never stops), so that the driver, MLflow and Optuna agree on
   which trial is which (the MLflow child run is keyed by it);
 - keep each rung result on the Optuna trial (`RUNGS_ATTR`; Optuna takes no intermediate
   values for several objectives), so that a resumed search's ASHA starts from them.
@@ -24,7 +25,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ..names import VAL_ACC
 from ..record import TrialRecord
 from ..store import RUNGS_ATTR
-from .scheduler import RUNG_KEY, SIZE_KEY, STOPPED_ATTR
+from .baselines import BASELINE_ATTR
+from .scheduler import BASELINE_KEY, RUNG_KEY, SIZE_KEY, STOPPED_ATTR
 
 TRIAL_NUMBER_KEY = "optuna_trial"
 # Final-result fields kept on the Optuna trial, so the front can be rebuilt from the study alone.
@@ -36,7 +38,10 @@ class PruningSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if config is not None:
-            config[TRIAL_NUMBER_KEY] = self._ot_trials[trial_id].number
+            ot_trial = self._ot_trials[trial_id]
+            config[TRIAL_NUMBER_KEY] = ot_trial.number
+            if ot_trial.user_attrs.get(BASELINE_ATTR):
+                config[BASELINE_KEY] = True
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -24,10 +24,11 @@ multi-objective ASHA, Schmucker et al. 2021), with one comparison rule a user ca
 
 The enqueued hand baselines (baselines.py) are never stopped: their rung results set the bar
 for the sampled trials, but each runs to its end. A search promises never to return a model
-worse than them, and ASHA broke that promise on digits at params=0.05: it stopped the
-global-magnitude baseline (the peer's own pruning, which recovers late at that sparsity) at
-fine-tune epoch 1 on 2 of 3 seeds, and the search lost to the peer (docs/benchmarks.md, ninth
-runs). A trial is a baseline when its config carries `BASELINE_KEY` (searcher.py sets it).
+worse than them, and ASHA broke that promise on digits at params=0.05: it stopped 5-6 of the 8
+baselines on each of 3 seeds, mostly at fine-tune epoch 1 (the global-magnitude one, the peer's
+own pruning, on seed 0), and the search lost to the peer. Spared, a baseline ASHA had stopped
+became the pick of seed 1 (docs/benchmarks.md, ninth and tenth runs). A trial is a baseline
+when its config carries `BASELINE_KEY` (searcher.py sets it).
 
 A stopped trial is told to Optuna as PRUNED (searcher.py) with `STOPPED_ATTR`, the fine-tune
 epoch it was stopped at, and its MLflow run ends KILLED with a note saying so (`stop_note`).

@@ -81,15 +81,15 @@ def final_epochs(study: Study, given: int | None) -> int:
     return int(given) if given is not None else EPOCH_FACTOR * int(study.finetune.epochs)
 
 
-def finalist_seconds(trial_seconds: float, k: int, at_once: int) -> float:
+def finalist_seconds(search_seconds: float, k: int, at_once: int) -> float:
     """Each finalist's time when the stage is to last about as long as the search before it
-    (`trial_seconds`: the trial stage with its start-up, Ray's included, not the dense model's
+    (`search_seconds`: the trial stage with its start-up, Ray's included, not the dense model's
     training; `k` finalists, `at_once` at a time, see `pack`): half the user's wall-clock
     explores, half exploits. Counting the trial stage alone gave the digits finalists 14-17 s
     of searches lasting 36-47 s (docs/benchmarks.md, ninth runs).
     A short search still gives each finalist `final_epochs`."""
     rounds = -(-max(k, 1) // max(at_once, 1))
-    return max(0.0, trial_seconds) / rounds
+    return max(0.0, search_seconds) / rounds
 
 
 def pack(k: int, workers: int, cpus: float, gpus: float,

@@ -191,7 +191,7 @@ def search(opts: SearchOptions) -> dict:
 
         status = "FINISHED"
         interrupted = False
-        trial_seconds = 0.0
+        search_seconds = 0.0
         progress = ProgressCallback(total=None if open_ended else trials, done_before=done,
                                     budget=budget)
         ctx = None
@@ -250,7 +250,7 @@ def search(opts: SearchOptions) -> dict:
             interrupted = interrupted or stop.requested
             # the search's time before the finalists: the trial stage and its start-up (Ray,
             # stores, workers), not the dense model's training
-            trial_seconds = time.monotonic() - t_start - t_open
+            search_seconds = time.monotonic() - t_start - t_open
             if interrupted:
                 status = "KILLED"
             reconcile(ot_study, storage, tracker, parent_id)
@@ -262,7 +262,7 @@ def search(opts: SearchOptions) -> dict:
         # (a data-parallel trial's CPUs go to single-process finalists: pack shares them)
         final_cpus = opts.cpus_per_trial * opts.trial_workers
         timed = None if opts.final_epochs is not None else finalist_seconds(
-            trial_seconds, opts.finalists,
+            search_seconds, opts.finalists,
             pack(opts.finalists, opts.workers, final_cpus, opts.gpus_per_trial)[0])
         if ctx is not None and opts.finalists > 0 and not interrupted:
             stage = run_stage(ot_study, tracker, parent_id, ctx, k=opts.finalists,

@@ -377,3 +377,36 @@ def test_reconcile_records_a_stopped_trial_as_stopped_not_interrupted(tmp_path):
         "stopped early by ASHA at fine-tune epoch 2")
     assert run.info.run_name.endswith("stopped early")
     assert finished_count(study) == 1
+
+
+def test_a_trials_prior_strength_reaches_its_per_layer_targets(tmp_path, monkeypatch):
+    """The searched `prior_strength` is what a trial prunes with: the same config at a
+    stronger prior prunes the small conv1 less and the large fc1 more (caught where the trial
+    hands its targets to the pipeline)."""
+    from autoprune.orchestration import trial
+    from autoprune.orchestration.space import SearchSpace
+    from autoprune.study import load_study
+
+    space = SearchSpace.from_dict({"methods": {"magnitude": {"gradual": False}}, "sparsity": {
+        "target_floor": 1.0, "prior_strength": {"low": 0.0, "high": 1.5}}}).for_budget(False)
+    ctx = trial.TrialContext(study=load_study("digits-lenet"), space=space, out=str(tmp_path),
+                             study_dir=str(tmp_path / "s"), budget="weights=0.05",
+                             data_root=None, seed=0, cpus=1)
+    layers = trial.workbench(ctx).layers
+
+    class Planned(Exception):
+        pass
+
+    def caught(wb, method, params, targets, **kw):
+        raise Planned(targets)
+
+    monkeypatch.setattr(trial, "run_pruning", caught)
+    monkeypatch.setattr(trial, "_load_pruned", lambda fingerprint: None)
+    plans = {}
+    for s in (0.2, 1.2):
+        config = {"method": "magnitude", "prior_strength": s, **{f"alloc.{n}": 0.5 for n in layers}}
+        try:
+            trial._run(config, ctx, 0)
+        except Planned as p:
+            plans[s] = p.args[0]
+    assert plans[1.2]["conv1"] < plans[0.2]["conv1"] and plans[1.2]["fc1"] > plans[0.2]["fc1"]

@@ -84,6 +84,33 @@ def test_baselines_come_from_the_methods_declarations(digits):
     assert len(uniform) == len(declared)
 
 
+def test_baselines_fix_a_searched_prior_strength(digits):
+    """The default space searches the size prior's strength; its baselines still take the
+    prior a user gets by hand (0.5), or the nearer end of a range that excludes it."""
+    from autoprune.flops import Accountant
+    from autoprune.models import build_model
+    from autoprune.orchestration.baselines import baseline_params
+    from autoprune.orchestration.projection import CostTable, size_prior
+    from autoprune.paths import SPACES_DIR
+
+    model = build_model("lenet-digits", 10, 1, 8)
+    table = CostTable.from_accountant(Accountant(model, digits.example()))
+    layers = list(table.layers)
+    default = SearchSpace.load(SPACES_DIR / "default.yaml")
+    assert not default.prior_strength.fixed
+    params = baseline_params(default, table, layers, "weight")
+    sampled = [p for p in params if p.get("split") == "sampled"]
+    assert sampled and all(p["prior_strength"] == 0.5 for p in sampled)
+    assert not any("prior_strength" in p for p in params if p.get("split") == "global")
+    strong = SearchSpace.from_dict({"methods": "declared", "sparsity": {
+        "prior_strength": {"low": 1.0, "high": 2.0}}})
+    uniform_at = {n: 1.0 - p for n, p in size_prior(table, strength=1.0).items()}
+    params = baseline_params(strong, table, layers, "weight")
+    assert all(p["prior_strength"] == 1.0 for p in params)
+    assert any(all(p[f"alloc.{n}"] == pytest.approx(a) for n, a in uniform_at.items())
+               for p in params)
+
+
 def test_baselines_fine_tune_with_the_study_recipe(digits):
     """The default space searches `finetune.lr_scale`; a hand baseline fine-tunes as a user
     would by hand, at the study's own rate (x1), and leaves to the sampler a value the space

@@ -273,6 +273,23 @@ def test_size_prior_and_offsets_from_it(lenet5):
     assert fractions(table, targets, "weight")["params"] <= 0.014
 
 
+def test_prior_strength_moves_every_layer_coherently(lenet5):
+    """Strength 0 is the uniform split; a stronger prior spares the small layers and prunes
+    the large ones harder at the same budget, which the highest compressions want."""
+    from autoprune.orchestration.projection import size_prior, with_prior
+
+    table, limits = lenet5.table, {"weights": 0.00281}
+    assert size_prior(table, strength=0.0) == pytest.approx(dict.fromkeys(table.layers, 0.5))
+    plans = {}
+    for s in (0.0, 0.5, 1.0):
+        alloc = with_prior(dict.fromkeys(table.layers, 0.5), size_prior(table, strength=s))
+        plans[s] = project(table, alloc, limits, 1.0, "weight", 0.999)
+        assert fractions(table, plans[s], "weight")["weights"] <= 0.00281
+    assert len(set(plans[0.0].values())) == 1  # uniform: one sparsity everywhere
+    assert plans[1.0]["conv1"] < plans[0.5]["conv1"] < plans[0.0]["conv1"]
+    assert plans[1.0]["fc1"] > plans[0.5]["fc1"] > plans[0.0]["fc1"]
+
+
 def test_targets_below_the_reachable_are_stretched_onto_it(lenet5):
     """At params=0.014 LeNet-5 can reach 0.0113 at most: sampled targets from the floor up
     must still give distinct, reachable plans instead of all collapsing to every-layer-capped."""

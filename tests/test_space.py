@@ -104,6 +104,9 @@ BAD = [
     (with_("sparsity.allocation", {"low": 0.0, "high": 0.5}), "values must lie in (0, 1)"),
     (with_("sparsity.allocation", 1.5), "values must lie in (0, 1)"),
     (with_("sparsity.allocation", {"choices": [0.1, 0.2]}), "must be {low, high} or a fixed"),
+    (with_("sparsity.prior_strength", {"low": -1, "high": 1}), "values must lie in [0, 3]"),
+    (with_("sparsity.prior_strength", "strong"), "values must lie in [0, 3]"),
+    (with_("sparsity.prior_strength", {"choices": [0.5, 1]}), "must be {low, high} or a fixed"),
     (with_("sparsity.exclude", ["fc("]), "sparsity.exclude: invalid regex 'fc('"),
     (with_("sparsity.exclude", 3), "sparsity.exclude: must be a regex or a list"),
     (with_("sparsity.groups", ["a"]), "sparsity.groups: must be a mapping"),
@@ -452,6 +455,38 @@ def test_allocation_prior_key():
     assert SearchSpace.from_dict({**base, "sparsity": {"prior": "none"}}).prior == "none"
     with pytest.raises(UserError, match="sparsity.prior"):
         SearchSpace.from_dict({**base, "sparsity": {"prior": "flops"}})
+
+
+def test_prior_strength_key():
+    """A searched strength is one more parameter of sampled trials only; a config without it
+    (made before it was searched) decodes to the default prior, and it needs prior: size."""
+    base = {"methods": {"magnitude": {"gradual": False}},
+            "sparsity": {"split": ["sampled", "global"]}}
+    assert SearchSpace.from_dict(base).prior_strength.value == 0.5
+    searched = copy.deepcopy(base)
+    searched["sparsity"]["prior_strength"] = {"low": 0.0, "high": 1.5}
+    s = SearchSpace.from_dict(searched)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        const = s.suggest(trial, LENET)
+        plan = s.decode({**trial.params, **const}, LENET)
+        seen.add(plan.split)
+        assert ("prior_strength" in trial.params) == (plan.split == "sampled")
+        if plan.split == "sampled":
+            assert plan.prior_strength == trial.params["prior_strength"]
+            assert 0.0 <= plan.prior_strength <= 1.5
+    assert seen == {"sampled", "global"}
+    old = {"method": "magnitude", "split": "sampled", "target": 1.0,
+           **{f"alloc.{n}": 0.5 for n in LENET}}
+    assert s.decode(old, LENET).prior_strength == 0.5
+    fixed = copy.deepcopy(base)
+    fixed["sparsity"]["prior_strength"] = 1.2
+    assert SearchSpace.from_dict(fixed).decode(old, LENET).prior_strength == 1.2
+    fixed["sparsity"]["prior"] = "none"
+    with pytest.raises(UserError, match="prior_strength: only applies with prior: size"):
+        SearchSpace.from_dict(fixed)
 
 
 def test_split_key():

@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 
 from ..pruning import get_method
-from .projection import CostTable, size_prior
+from .projection import PRIOR_STRENGTH, CostTable, size_prior
 from .space import Dist, SearchSpace
 
 BASELINE_ATTR = "baseline"  # Optuna user attr of an enqueued baseline trial
@@ -36,6 +36,13 @@ def _fits(dist: Dist, value: Any) -> bool:
     return dist.low <= value <= dist.high
 
 
+def _strength(space: SearchSpace) -> float:
+    """The size prior's strength of the baselines: the space's fixed value, or where it is
+    searched the default (0.5) if the range holds it, else the nearer end of the range."""
+    d = space.prior_strength
+    return d.value if d.fixed else min(max(PRIOR_STRENGTH, d.low), d.high)
+
+
 def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
                     granularity: str, recipe: dict[str, Any] | None = None
                     ) -> list[dict[str, Any]]:
@@ -48,13 +55,16 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
     by hand: `lr_scale` 1) where the space's range holds them.
     """
     keys = space.alloc_keys(layers)
-    prior = size_prior(table, [n for n in layers if n in table.layers], granularity)
+    strength = _strength(space)
+    prior = size_prior(table, [n for n in layers if n in table.layers], granularity, strength)
+    searched = {} if space.prior_strength.fixed or space.prior != "size" \
+        else {"prior_strength": strength}
     lo, hi = (space.allocation.low or 0.0), (space.allocation.high or 1.0)
 
     def alloc(kind: str) -> dict[str, float] | None:
         if space.allocation.fixed:
-            return {}
-        out = {}
+            return dict(searched)
+        out = dict(searched)
         for key, members in keys.items():
             p = next((prior[m] for m in members if m in prior), 0.5)
             # sampled a is an offset from the prior (`with_prior`): 0.5 gives the prior,

@@ -36,6 +36,7 @@ KINDS = ("flops", "sparse_flops", "params", "weights")  # budget kinds (budget.K
 _BISECT_ITERS = 60
 _SHIFT_RANGE = 40.0  # sigmoid(logit(a) +- 40) is ~0 / ~1 for every a in [1e-6, 1 - 1e-6]
 _ALLOC_EPS = 1e-6
+PRIOR_STRENGTH = 0.5  # size_prior's default strength (the ADMM paper's LeNet-5 shape)
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,15 @@ def budget_share(fracs: dict[str, float], limits: dict[str, float]) -> float:
 
 
 def size_prior(table: CostTable, layers: list[str] | None = None,
-               granularity: str = "weight") -> dict[str, float]:
+               granularity: str = "weight", strength: float = PRIOR_STRENGTH
+               ) -> dict[str, float]:
     """Per-layer preference from size alone: larger layers are pruned harder.
 
-    logit(p_l) = 0.5 * (log weights_l - mean log weights): on LeNet-5 this gives the shape of
-    the ADMM paper's hand-set ratios (conv1 least, fc1 most) without hand-setting anything.
+    logit(p_l) = strength * (log weights_l - mean log weights). At the default 0.5 this gives
+    on LeNet-5 the shape of the ADMM paper's hand-set ratios (conv1 least, fc1 most) without
+    hand-setting anything; 0 is the uniform split, and larger strengths spare the small layers
+    more, which is what the highest compressions want (the search samples it: one number that
+    moves every layer coherently, where the per-layer offsets are one number each).
     It is the default split of a budget (`autoprune prune`) and the centre the search's
     sampled allocation moves around (`with_prior`). For filter granularity the preferences are
     those of the unit roots, each sized by all its member layers.
@@ -215,7 +220,7 @@ def size_prior(table: CostTable, layers: list[str] | None = None,
 
     logs = {n: math.log(size(n)) for n in names}
     mean = sum(logs.values()) / len(logs)
-    return {n: _sigmoid(0.5 * (v - mean)) for n, v in logs.items()}
+    return {n: _sigmoid(strength * (v - mean)) for n, v in logs.items()}
 
 
 def with_prior(allocation: dict[str, float], prior: dict[str, float]) -> dict[str, float]:

@@ -6,7 +6,8 @@ parametrised:
 
     methods:      declared | {method: declared | {[declared: true,] hyperparameter: spec}}
     finetune:     {recipe key: distribution | fixed value}
-    sparsity:     {target_floor, split, allocation, prior, max_sparsity, exclude, groups}
+    sparsity:     {target_floor, split, allocation, prior, prior_strength, max_sparsity,
+                   exclude, groups}
 
 Each method declares its own search ranges next to its hyperparameters (`hp(search=...)` in
 its file), so this module never names a method. `methods: declared` is every registered
@@ -30,6 +31,12 @@ per-layer `allocation`, `projection.project`) and/or `global` (one importance ra
 layer's units from the dense weights, `global_split.global_targets`: Torch-Pruning's global
 pruning, `global_unstructured` for weights). With both, `split` is sampled first and the
 `alloc.*` parameters only for `sampled` trials; a space without the key is `sampled` only.
+
+`sparsity.prior_strength` is how strongly the size prior prefers pruning large layers
+(`projection.size_prior`: 0 is uniform, 0.5 its default). A range makes it one more searched
+number of `sampled` trials (`prior_strength`): it moves every layer at once, so a sampler with a
+dozen trials can learn it where it cannot learn a dozen independent offsets. A space without
+the key keeps 0.5, and so does a trial config that lacks it (made before it was searched).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from typing import Any
 
 from .. import yamlio
 from ..errors import UserError
+from .projection import PRIOR_STRENGTH
 from .space_schema import (  # noqa: F401 - Dist and DIST_KEYS are part of this module's face
     DIST_KEYS,
     Dist,
@@ -55,8 +63,9 @@ from .space_schema import (  # noqa: F401 - Dist and DIST_KEYS are part of this 
 )
 
 TOP_KEYS = ("methods", "finetune", "sparsity", "description")
-SPARSITY_KEYS = ("target_floor", "split", "allocation", "prior", "max_sparsity", "exclude",
-                 "groups")
+SPARSITY_KEYS = ("target_floor", "split", "allocation", "prior", "prior_strength",
+                 "max_sparsity", "exclude", "groups")
+MAX_PRIOR_STRENGTH = 3.0  # beyond it the smallest layers of any model are left dense
 PRIORS = ("size", "none")  # what the sampled allocation is an offset from (projection.py)
 SPLITS = ("sampled", "global")  # how a budget is split over layers (module docstring)
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")  # no '/': Ray un-flattens config keys on it
@@ -73,6 +82,7 @@ class TrialPlan:
     allocation: dict[str, float]  # per prunable layer, groups expanded ({} for split global)
     prunable: list[str]  # layers left after the space's exclusions, in model order
     split: str = "sampled"  # "sampled" (allocation + projection) or "global" (one ranking)
+    prior_strength: float = PRIOR_STRENGTH  # of the size prior the allocation moves around
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class SearchSpace:
     split: tuple[str, ...] = ("sampled",)  # the choices of SPLITS this space offers
     allocation: Dist = Dist("float", 0.05, 0.95)
     prior: str = "size"  # the allocation moves around projection.size_prior, or "none"
+    prior_strength: Dist = Dist("fixed", value=PRIOR_STRENGTH)  # size_prior's strength
     max_sparsity: float = 0.999
     exclude: tuple[str, ...] = ()
     groups: dict[str, str] = field(default_factory=dict)  # group name -> regex on layer names
@@ -137,6 +148,17 @@ class SearchSpace:
         prior = sp.get("prior", "size")
         if prior not in PRIORS:
             raise fail("sparsity.prior", f"must be one of {', '.join(PRIORS)}, got {prior!r}")
+        strength = parse_dist(sp.get("prior_strength", PRIOR_STRENGTH),
+                              "sparsity.prior_strength", fail)
+        if strength.kind not in ("float", "fixed"):
+            raise fail("sparsity.prior_strength", "must be {low, high} or a fixed number")
+        for v in strength.probes():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or not 0.0 <= v <= MAX_PRIOR_STRENGTH:
+                raise fail("sparsity.prior_strength",
+                           f"values must lie in [0, {MAX_PRIOR_STRENGTH:g}], got {v!r}")
+        if "prior_strength" in sp and prior != "size":
+            raise fail("sparsity.prior_strength", "only applies with prior: size")
         exclude = parse_patterns(sp.get("exclude", []), "sparsity.exclude", fail)
         groups_raw = sp.get("groups") or {}
         if not isinstance(groups_raw, dict):
@@ -147,7 +169,8 @@ class SearchSpace:
                 raise fail(f"sparsity.groups.{name}", "group names use letters, digits, _ . -")
             groups[name] = parse_patterns([pattern], f"sparsity.groups.{name}", fail)[0]
         return cls(methods=methods, finetune=finetune, target_floor=float(floor),
-                   split=tuple(split), allocation=alloc, prior=prior, max_sparsity=float(max_s),
+                   split=tuple(split), allocation=alloc, prior=prior,
+                   prior_strength=strength, max_sparsity=float(max_s),
                    exclude=tuple(exclude),
                    groups=groups, source=source)
 
@@ -230,6 +253,8 @@ class SearchSpace:
         if split == "sampled" and not self.allocation.fixed:
             for key in keys:
                 self.allocation.suggest(trial, f"alloc.{key}")
+        if split == "sampled" and self.prior == "size" and not self.prior_strength.fixed:
+            self.prior_strength.suggest(trial, "prior_strength")
         return const
 
     def define_by_run(self, layers: list[str]) -> Callable[[Any], dict[str, Any]]:
@@ -273,8 +298,11 @@ class SearchSpace:
             for key, members in keys.items():
                 value = float(get(f"alloc.{key}", self.allocation))
                 allocation.update(dict.fromkeys(members, value))
+        strength = (self.prior_strength.value if self.prior_strength.fixed
+                    else config.get("prior_strength", PRIOR_STRENGTH))
         return TrialPlan(method=method, params=params, finetune=finetune, target=target,
-                         allocation=allocation, prunable=self.prunable(layers), split=split)
+                         allocation=allocation, prunable=self.prunable(layers), split=split,
+                         prior_strength=float(strength))
 
 
 # -- validation helpers ----------------------------------------------------------------------

@@ -208,7 +208,8 @@ def _run(config: dict, ctx: TrialContext, number: int) -> dict[str, Any]:
     else:
         allocation = plan.allocation
         if space.prior == "size":
-            allocation = with_prior(allocation, size_prior(table, list(allocation), gran))
+            allocation = with_prior(allocation, size_prior(table, list(allocation), gran,
+                                                           plan.prior_strength))
         targets = project(table, allocation, budget.limits, target, gran, space.max_sparsity)
     planned = fractions(table, targets, gran)
     # every report carries the four fractions: the sampler's objectives are the budget's kinds

@@ -9,7 +9,7 @@ hand baseline and the peer a user would pick instead.
 Rows (issue 12): digits flops=0.4 and params=0.05; LeNet-5/MNIST weights=0.01405 (the ADMM
 paper's 71.2x) and weights=0.00281 (RADMM's 355.9x); Fashion-MNIST LeNet-5 flops=0.4. For every
 row and seed, each arm starts from the same dense weights (trained once per seed, cached in
-<out>/shared):
+<out>/shared; a new --out may start with a copy of an earlier one's shared/):
 (a) `search(sampler="tpe")`: autoprune's default search (enqueued hand baselines, ASHA, the
     finalist stage), the study's trial count; its wall-clock time W is every other arm's budget;
 (b) `search(sampler="random")`: the same with random sampling (same trials and finalists; its
@@ -300,7 +300,9 @@ def main() -> int:
     except UserError as exc:
         ap.error(str(exc))
     root = Path(args.out or f"autoprune-runs/bench-search-quality-{int(time.time())}").resolve()
-    if root.exists() and any(root.iterdir()):
+    # shared/ is only the dense models' cache (keyed by study and seed): copied from an earlier
+    # run, it spares retraining them; anything else would be a study folder reused
+    if root.exists() and any(p.name != "shared" for p in root.iterdir()):
         ap.error(f"--out {root} is not empty: a search refuses to reuse a study folder")
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

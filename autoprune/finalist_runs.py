@@ -34,7 +34,7 @@ from .names import (
 from .tracking import Tracker
 
 FINALIST_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "flops_frac", "sparse_flops_frac",
-                    "params_frac", "weights_frac", "compact_flops_frac")
+                    "params_frac", "weights_frac", "compact_flops_frac", "finetune_kept_epoch")
 
 
 class FinalistRuns:

@@ -36,6 +36,7 @@ TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 TAG_BUDGET = "autoprune.budget"
 TAG_VERSION_PREFIX = "autoprune.version."  # + package name: torch, ray, optuna, mlflow, ...
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own key for nesting runs in the UI
+TAG_BASELINE = "autoprune.baseline"  # "true" on the run of an enqueued hand-baseline trial
 TAG_FINALIST = "autoprune.finalist"  # "true" on a trial run retrained by the finalist stage
 TAG_FINALIST_OF = "autoprune.finalist_of"  # on a finalist run: the trial number it retrains
 TAG_SEARCH = "autoprune.search_run"  # on a finalist run: the search's parent run id

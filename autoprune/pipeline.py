@@ -157,6 +157,8 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
         "granularity": result.pruner.granularity,
         "layer_sparsity": counts.layer_sparsity(),
         "history": result.history,
+        # the fine-tune epoch whose weights were kept: the last unless a collapse was undone
+        "finetune_kept_epoch": result.kept_epoch,
     }
     return model, metrics
 

@@ -61,7 +61,7 @@ class TrialRecord:
         "val_accuracy", VAL_LOSS, "test_accuracy", "flops_frac", "sparse_flops_frac",
         "params_frac", "weights_frac", "compact_flops_frac", "compact_params_frac", "flops",
         "params", "weight_compression", "budget_violation", "target", "dense_val_accuracy",
-        "dense_test_accuracy", "restored_from_checkpoint")
+        "dense_test_accuracy", "restored_from_checkpoint", "finetune_kept_epoch")
 
     @classmethod
     def from_optuna(cls, t: Any) -> TrialRecord:

@@ -77,6 +77,7 @@ from .names import (
     PARETO_SIZE,
     ROLE_SEARCH,
     ROLE_TRIAL,
+    TAG_BASELINE,
     TAG_BUDGET,
     TAG_ERROR,
     TAG_FEASIBLE,
@@ -95,6 +96,10 @@ from .names import (
     VAL_ACC,
 )
 from .store import default_tracking_uri  # noqa: F401 - re-exported: where a search logs
+
+
+def _baseline_tag(baseline: bool) -> dict[str, str]:
+    return {TAG_BASELINE: "true"} if baseline else {}
 
 
 class Tracker:
@@ -213,14 +218,15 @@ class Tracker:
         return self._children[parent_id]
 
     def start_trial(self, parent_id: str, trial_number: int, method: str,
-                    params: Mapping[str, Any]) -> str:
+                    params: Mapping[str, Any], baseline: bool = False) -> str:
         """Open the child run of a trial as RUNNING, so a search can be watched live in the UI;
-        `log_trial` ends it. A trial that has a run already (resumed, retried) keeps it."""
+        `log_trial` ends it. A trial that has a run already (resumed, retried) keeps it.
+        `baseline`: an enqueued hand baseline, tagged so the UI can tell it from sampled ones."""
         children = self._child_map(parent_id)
         if trial_number in children:
             return children[trial_number]
         tags = {TAG_PARENT: parent_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: str(trial_number),
-                TAG_METHOD: method, TAG_STUDY: self.study}
+                TAG_METHOD: method, TAG_STUDY: self.study, **_baseline_tag(baseline)}
         run = self.client.create_run(self._exp(), start_time=_now_ms(), tags=tags,
                                      run_name=run_name(trial_number, method))
         rid = run.info.run_id
@@ -232,7 +238,8 @@ class Tracker:
     def log_trial(self, parent_id: str, trial_number: int, method: str, params: Mapping[str, Any],
                   metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = (),
                   layer_sparsity: Mapping[str, float] | None = None, status: str = "FINISHED",
-                  error: str | None = None, stopped: str | None = None) -> str:
+                  error: str | None = None, stopped: str | None = None,
+                  baseline: bool = False) -> str:
         """Record one trial as a child run of `parent_id`; return the child's run id.
 
         Idempotent per (parent, trial_number): a second call updates the same run. Params that
@@ -241,14 +248,15 @@ class Tracker:
         `history` records (epoch/step, loss, val_accuracy, phase, lr, ...) become metric curves
         named `<phase>/<key>`, stepped by `step` or else by their position in the list.
         `stopped`: why a scheduler stopped the trial early (a KILLED run that did not crash):
-        its `TAG_STOPPED` tag, the run's description and its name say so.
+        its `TAG_STOPPED` tag, the run's description and its name say so. `baseline`: as in
+        `start_trial`.
         """
         if status not in TRIAL_STATUSES:
             raise ValueError(f"trial status must be one of {TRIAL_STATUSES}, not {status!r}")
         children = self._child_map(parent_id)
         existing = children.get(trial_number)
         tags = {TAG_PARENT: parent_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: str(trial_number),
-                TAG_METHOD: method, TAG_STUDY: self.study}
+                TAG_METHOD: method, TAG_STUDY: self.study, **_baseline_tag(baseline)}
         if error:
             tail = error.strip()
             if len(tail) > ERROR_TAG_CHARS:

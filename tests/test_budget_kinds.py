@@ -100,7 +100,10 @@ def test_baselines_fix_a_searched_prior_strength(digits):
     assert not default.prior_strength.fixed
     params = baseline_params(default, table, layers, "weight")
     sampled = [p for p in params if p.get("split") == "sampled"]
-    assert sampled and all(p["prior_strength"] == 0.5 for p in sampled)
+    # the size-prior split at 0.5, the uniform one as strength 0: every offset 0.5 in both
+    n = len(sampled) // 2
+    assert n and sorted(p["prior_strength"] for p in sampled) == [0.0] * n + [0.5] * n
+    assert all(v == 0.5 for p in sampled for k, v in p.items() if k.startswith("alloc."))
     assert not any("prior_strength" in p for p in params if p.get("split") == "global")
     strong = SearchSpace.from_dict({"methods": "declared", "sparsity": {
         "prior_strength": {"low": 1.0, "high": 2.0}}})

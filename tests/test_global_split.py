@@ -245,3 +245,15 @@ def test_search_starts_with_the_global_baseline(ray_session, tmp_path):
     assert first[0].values[1] <= 0.4 + 1e-9  # within the budget, by the global ranking
     targets = json.loads(first[0].user_attrs["targets"])
     assert set(targets) == {"conv1", "conv2", "fc1"} and len(set(targets.values())) > 1
+    # in MLflow, the enqueued baselines' runs are tagged as such and no other run is
+    from mlflow import MlflowClient
+
+    from autoprune import store
+    from autoprune.names import TAG_BASELINE
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parent = store.parent_run_id(study)
+    runs = store.child_runs(client, client.get_run(parent).info.experiment_id, parent)
+    assert runs and {n: r.data.tags.get(TAG_BASELINE) == "true" for n, r in runs.items()} == \
+        {t.number: bool(t.user_attrs.get("baseline")) for t in study.trials if t.number in runs}
+    assert runs[0].data.tags.get(TAG_BASELINE) == "true"

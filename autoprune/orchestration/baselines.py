@@ -61,15 +61,22 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
         else {"prior_strength": strength}
     lo, hi = (space.allocation.low or 0.0), (space.allocation.high or 1.0)
 
+    # With a searched strength whose range holds 0, the uniform split is strength 0 with the
+    # offsets at 0.5 (the same plan as offsets of 1 - p): the sampler then learns from the
+    # baselines that strength matters (at 71.2x uniform scores val 0.80-0.95, the prior 0.985)
+    # in one number, where the offsets would spread that over every layer's.
+    flat = bool(searched) and space.prior_strength.low == 0.0
+
     def alloc(kind: str) -> dict[str, float] | None:
+        out = {"prior_strength": 0.0} if flat and kind == "uniform" else dict(searched)
         if space.allocation.fixed:
-            return dict(searched)
-        out = dict(searched)
+            return out
         for key, members in keys.items():
             p = next((prior[m] for m in members if m in prior), 0.5)
             # sampled a is an offset from the prior (`with_prior`): 0.5 gives the prior,
             # 1 - p cancels it (every layer alike); with prior "none" the roles swap
             size_a, uniform_a = (0.5, 1.0 - p) if space.prior == "size" else (p, 0.5)
+            uniform_a = 0.5 if flat else uniform_a
             a = size_a if kind == "size" else uniform_a
             if not lo <= a <= hi:
                 return None

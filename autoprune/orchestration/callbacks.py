@@ -62,7 +62,7 @@ class TrackingCallback(Callback):
         if number is not None and int(number) not in self.run_ids:
             self.run_ids[int(number)] = self.tracker.start_trial(
                 self.parent_id, int(number), str(trial.config.get("method", "")),
-                self._params(trial))
+                self._params(trial), baseline=bool(trial.config.get(BASELINE_KEY)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         number = trial.config.get(TRIAL_NUMBER_KEY)
@@ -92,7 +92,7 @@ class TrackingCallback(Callback):
         self.run_ids[number] = self.tracker.log_trial(
             self.parent_id, number, str(cfg.get("method", "")), params,
             metrics if status == "FINISHED" else {}, history, layers, status, error,
-            stopped=stopped)
+            stopped=stopped, baseline=bool(cfg.get(BASELINE_KEY)))
         self.ended.add(number)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

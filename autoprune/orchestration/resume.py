@@ -20,6 +20,7 @@ from ..names import OBJECTIVES as LEGACY_OBJECTIVES
 from ..pareto import Objectives
 from ..record import TrialRecord
 from ..store import KILLED_ATTR, redact
+from .baselines import BASELINE_ATTR
 from .callbacks import KILLED_ERROR
 from .scheduler import STOPPED_ATTR, stop_note
 
@@ -144,7 +145,8 @@ def reconcile(ot_study: optuna.Study, storage: optuna.storages.BaseStorage, trac
                                  if k in t.user_attrs}}
         tracker.log_trial(parent_id, t.number, str(t.params.get("method", "")), params, metrics,
                           status=want, error=error if want != "FINISHED" else None,
-                          stopped=stop_note(t.user_attrs.get(STOPPED_ATTR)) if pruned else None)
+                          stopped=stop_note(t.user_attrs.get(STOPPED_ATTR)) if pruned else None,
+                          baseline=bool(t.user_attrs.get(BASELINE_ATTR)))
         fixed += 1
     return fixed
 

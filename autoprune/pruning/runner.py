@@ -10,7 +10,9 @@ Phase 2 ends on its last epoch's weights unless validation accuracy fell by more
 `COLLAPSE_DROP` below the best fine-tune epoch: then the best epoch's weights are put back
 (`PruneResult.kept_epoch`). A long retrain at a searched learning rate can collapse (a finalist
 went from val 0.944 to 0.09 at 5.5x the study's rate); every epoch of phase 2 has the same masks,
-so the weights put back are as sparse. A smaller dip is noise and keeps the last epoch.
+so the weights put back are as sparse. A smaller dip keeps the last epoch: on a small validation
+set it is noise (digits: 144 images, one is 0.7 points; at a 1-point threshold 2 of 36
+finalists and 8 four-epoch trials were put back, eleventh runs).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..engine import Recipe, prepare, train
 from ..graph import ChannelGraph
 from .base import MaskHook, Masks, Pruner, apply_masks, get_method
 
-COLLAPSE_DROP = 0.01  # val accuracy below the best fine-tune epoch's that undoes the last ones
+COLLAPSE_DROP = 0.05  # val accuracy below the best fine-tune epoch's that undoes the last ones
 
 
 @dataclass

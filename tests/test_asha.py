@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
@@ -201,14 +202,23 @@ def test_max_t_covers_the_longest_searched_fine_tune():
     assert make_scheduler("asha", 8, trial_workers=2) is None  # data-parallel: off
 
 
-def test_asha_is_the_default_and_none_is_repeated_on_resume():
+def test_asha_is_the_default_and_none_is_repeated_on_resume(tmp_path):
     assert SearchOptions().scheduler == "asha"
     assert "--scheduler" not in resume_hint(SearchOptions())
     assert "--scheduler none" in resume_hint(SearchOptions(scheduler="none"))
+    assert SearchOptions().objective == "accuracy"
+    assert "--objective" not in resume_hint(SearchOptions())
+    assert "--objective front" in resume_hint(SearchOptions(objective="front"))
+    from autoprune.errors import UserError
+    from autoprune.orchestration.orchestrator import search
+
+    with pytest.raises(UserError, match="unknown objective 'speed'"):
+        search(SearchOptions(objective="speed", out=str(tmp_path)))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
     from autoprune.cli import build_parser
 
     args = build_parser().parse_args(["search"])
-    assert args.scheduler == "asha"
+    assert args.scheduler == "asha" and args.objective == "accuracy"
 
 
 def test_tpe_samples_after_pruned_trials_of_a_multi_objective_study():
@@ -308,7 +318,8 @@ def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
     assert summary["trials_pruned"] == len(pruned)
     assert summary["trials_completed"] + len(pruned) == 8 and summary["trials_failed"] == 0
     assert {t.user_attrs[STOPPED_ATTR] for t in pruned} <= {1, 2}
-    assert all(t.values is None for t in pruned)
+    # Optuna gives a stopped trial of a one-objective study its last intermediate value
+    assert all(t.values == [t.intermediate_values[max(t.intermediate_values)]] for t in pruned)
     assert not {t.number for t in pruned} & {p["trial"] for p in summary["pareto"]}
     assert any("stopped early by ASHA at fine-tune epoch" in ln for ln in lines)
 
@@ -332,6 +343,8 @@ def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
         assert sorted(int(e) for e in rungs) == list(range(1, k + 1))
         assert [rungs[str(e)][0] for e in range(1, k + 1)] == \
             [m.value for m in sorted(curve, key=lambda m: m.step)]
+        # the default single objective: TPE ranks stopped trials by these intermediate values
+        assert t.intermediate_values == {e: rungs[str(e)][0] for e in range(1, k + 1)}
     finished = [r for r in runs.values() if r.info.status == "FINISHED"]
     assert len(finished) == summary["trials_completed"]
     assert all("autoprune.stopped_early" not in r.data.tags for r in finished)

@@ -84,6 +84,7 @@ CASES = [
     ("cpus-negative", ["search", "--cpus-per-trial", "-1"], "--cpus-per-trial"),
     ("time-limit", ["search", "--time-limit", "soon"], "--time-limit"),
     ("sampler", ["search", "--sampler", "grid"], "--sampler"),
+    ("objective", ["search", "--objective", "speed"], "--objective"),
     ("unknown-option", ["search", "--trails", "3"], "--trails"),
     ("gpus-too-many", ["search", "--gpus-per-trial", "64"], "--gpus-per-trial 64"),
     ("cpus-too-many", ["search", "--cpus-per-trial", "512"], "--cpus-per-trial 512"),

@@ -38,8 +38,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         study=args.study, space=args.space, budget=args.budget, trials=args.trials,
         time_limit=parse_duration(args.time_limit), workers=args.workers,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, out=args.out,
-        data_root=args.data_root, ray_address=args.ray_address,
+        sampler=args.sampler, objective=args.objective, scheduler=args.scheduler,
+        seed=args.seed, out=args.out, data_root=args.data_root, ray_address=args.ray_address,
         tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
         tune_storage=args.tune_storage, max_failures=args.max_failures, resume=args.resume,
         dense_checkpoint=args.dense_checkpoint, trial_workers=args.trial_workers,
@@ -155,6 +155,10 @@ def add_commands(sub, common) -> None:
                         "with a phase of its own (AGP, ADMM, L0) shares them with that phase "
                         "as its trial did")
     p.add_argument("--sampler", choices=["tpe", "nsga2", "random"], default="tpe")
+    p.add_argument("--objective", choices=["accuracy", "front"], default="accuracy",
+                   help="what the sampler optimises: accuracy (default), the most accurate "
+                        "model within the budget; front: accuracy and the budgeted sizes, to "
+                        "explore the whole trade-off (the front is recorded either way)")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
                    help="asha (default) stops weak trials early, comparing pruned models at "
                         "equal fine-tune epochs (told to Optuna as pruned); none runs every "

@@ -29,6 +29,9 @@ class SearchOptions:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     sampler: str = "tpe"
+    # what the sampler optimises: "accuracy" within the budget, or the "front" of accuracy
+    # against the budgeted sizes (`Budget.objectives`)
+    objective: str = "accuracy"
     scheduler: str = "asha"  # stop weak trials early (scheduler.py); "none": run every trial out
     seed: int = 0
     out: str = "autoprune-runs"
@@ -65,6 +68,9 @@ def parse_duration(text: str | None) -> float | None:
     return value
 
 
+OBJECTIVES = ("accuracy", "front")  # `SearchOptions.objective`
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
@@ -96,8 +102,8 @@ def resume_hint(opts: SearchOptions) -> str:
                         ("--ray-address", opts.ray_address),
                         *((f"--{k.replace('_', '-')}", getattr(opts, k))
                           for k in ("workers", "cpus_per_trial", "gpus_per_trial", "sampler",
-                                    "scheduler", "seed", "max_failures", "trial_workers",
-                                    "finalists", "final_epochs")
+                                    "objective", "scheduler", "seed", "max_failures",
+                                    "trial_workers", "finalists", "final_epochs")
                           if getattr(opts, k) != getattr(defaults, k)),
                         ("--tracking-uri", opts.tracking_uri),
                         ("--optuna-storage", opts.optuna_storage and redact(opts.optuna_storage)),

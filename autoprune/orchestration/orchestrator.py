@@ -41,7 +41,7 @@ from .finalists import (
     pack,
     run_stage,
 )
-from .options import SearchOptions, absolute, make_sampler, resume_hint, study_ref
+from .options import OBJECTIVES, SearchOptions, absolute, make_sampler, resume_hint, study_ref
 from .projection import CostTable, min_reachable
 from .resume import (
     StudyLock,
@@ -122,6 +122,9 @@ def search(opts: SearchOptions) -> dict:
         host_port(opts.ray_address)
     if opts.scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{opts.scheduler}'; choose asha or none")
+    if opts.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective '{opts.objective}'; choose "
+                        f"{' or '.join(OBJECTIVES)}")
     sampler = make_sampler(opts.sampler, opts.seed)
     out = Path(opts.out).expanduser().resolve()
     study_dir = out / study.name
@@ -150,7 +153,8 @@ def search(opts: SearchOptions) -> dict:
         t_open = time.monotonic() - t_open  # (may train the dense model: not search time)
         _check_budget_reachable(wb, budget, space)
         storage = open_storage(storage_url)
-        ot_study, objectives = prepare_optuna(storage, study.name, sampler, budget.objectives())
+        ot_study, objectives = prepare_optuna(storage, study.name, sampler,
+                                              budget.objectives(opts.objective == "front"))
         dense = {"val_accuracy": wb.dense["val_accuracy"],
                  "test_accuracy": wb.dense["test_accuracy"], "flops": wb.dense["flops"],
                  "params": wb.dense["params"]}
@@ -167,6 +171,7 @@ def search(opts: SearchOptions) -> dict:
                          "trials": "until the time limit" if open_ended else trials,
                          "workers": opts.workers, "cpus_per_trial": opts.cpus_per_trial,
                          "gpus_per_trial": opts.gpus_per_trial, "sampler": opts.sampler,
+                         "sampler_objectives": ",".join(k for k, _ in objectives),
                          "trial_workers": opts.trial_workers, "finalists": opts.finalists,
                          "final_epochs": final_epochs(study, opts.final_epochs),
                          "scheduler": opts.scheduler, "seed": opts.seed,

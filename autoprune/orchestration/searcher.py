@@ -9,7 +9,9 @@ Three things Ray's class does not do (see STACK_NOTES.md):
   baseline, which the scheduler never stops), so that the driver, MLflow and Optuna agree on
   which trial is which (the MLflow child run is keyed by it);
 - keep each rung result on the Optuna trial (`RUNGS_ATTR`; Optuna takes no intermediate
-  values for several objectives), so that a resumed search's ASHA starts from them.
+  values for several objectives), so that a resumed search's ASHA starts from them; with one
+  objective (the default, `Budget.objectives`) also as the trial's intermediate values, which
+  TPE uses to rank the trials ASHA stopped among themselves.
 
 Ray offers no public access to the Optuna trial behind a Tune trial, so this subclass uses
 OptunaSearch's own `_ot_trials`, `_ot_study` and `_completed_trials` (checked against Ray 2.60).
@@ -59,6 +61,8 @@ class PruningSearch(OptunaSearch):
         rungs[str(int(result[RUNG_KEY]))] = [float(result[VAL_ACC]),
                                              float(result.get(SIZE_KEY, 1.0))]
         ot_trial.set_user_attr(RUNGS_ATTR, rungs)
+        if len(self._ot_study.directions) == 1:
+            ot_trial.report(float(result[VAL_ACC]), int(result[RUNG_KEY]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -73,8 +77,8 @@ class PruningSearch(OptunaSearch):
             return
         if not result or not result.get("is_final"):
             # stopped by a scheduler (or errored): its last values are not a finished model.
-            # No values, no intermediate values (Optuna has none for several objectives):
-            # TPE counts a PRUNED trial among the worse ones, never as a point of the front.
+            # No values: TPE counts a PRUNED trial among the worse ones, never as a point of
+            # the front (with one objective, ranked among them by its last rung's accuracy).
             if not error and result and RUNG_KEY in result:
                 ot_trial.set_user_attr(STOPPED_ATTR, int(result[RUNG_KEY]))
                 self._keep_rung(trial_id, result)

@@ -335,8 +335,9 @@ def main() -> int:
                             f"{'' if args.trials else ' and started trials until then'}; "
                             f"the finalist stage followed it.")
     if set(arms) != set(DEFAULT_ARMS):
-        res["notes"].append(f"Arms run: {', '.join(ARM_LABEL[a] for a in arms)} (--arms); "
-                            f"the others were not run.")
+        missing = [ARM_LABEL[a] for a in DEFAULT_ARMS if a not in arms]
+        res["notes"].append(f"Arms run: {', '.join(ARM_LABEL[a] for a in arms)} (--arms)"
+                            + (f"; not run: {', '.join(missing)}." if missing else "."))
     saved = root / "results.json"
     t_start = time.perf_counter()
 

@@ -1,6 +1,6 @@
 """Ray's `OptunaSearch`, completed for multi-objective pruning searches.
 
-Three things Ray's class does not do (see STACK_NOTES.md):
+What Ray's class does not do (see STACK_NOTES.md):
 - tell Optuna whether a completed trial met the budget (`trial.set_constraint`, Optuna 5's
   replacement for samplers' `constraints_func`): infeasible trials never shape the front;
 - tell a trial that a scheduler stopped early as PRUNED, not COMPLETE with truncated values (a
@@ -77,8 +77,9 @@ class PruningSearch(OptunaSearch):
             return
         if not result or not result.get("is_final"):
             # stopped by a scheduler (or errored): its last values are not a finished model.
-            # No values: TPE counts a PRUNED trial among the worse ones, never as a point of
-            # the front (with one objective, ranked among them by its last rung's accuracy).
+            # Told without values (with one objective Optuna gives it its last intermediate
+            # value): TPE ranks a PRUNED trial after the completed ones, by its last rung's
+            # accuracy, and it is never a point of the front (only COMPLETE trials are).
             if not error and result and RUNG_KEY in result:
                 ot_trial.set_user_attr(STOPPED_ATTR, int(result[RUNG_KEY]))
                 self._keep_rung(trial_id, result)

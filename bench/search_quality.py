@@ -374,16 +374,17 @@ def main() -> int:
             for budget, case in cases.items():
                 row = case["arms"]
                 slug = budget.replace("=", "").replace(",", "-")
-                for sampler in [a for a in SEARCH_ARMS if a in arms]:
-                    out = root / f"{st.name}-{slug}-{sampler}-s{seed}"
-                    r = run_search(path, st.name, budget, SEARCH_ARMS[sampler][0], seed, n,
-                                   args.workers, out, args.data_root, ckpt, args.finalists,
-                                   args.final_epochs, time_limit, SEARCH_ARMS[sampler][1])
+                for arm in [a for a in SEARCH_ARMS if a in arms]:
+                    sampler, objective = SEARCH_ARMS[arm]
+                    out = root / f"{st.name}-{slug}-{arm}-s{seed}"
+                    r = run_search(path, st.name, budget, sampler, seed, n, args.workers, out,
+                                   args.data_root, ckpt, args.finalists, args.final_epochs,
+                                   time_limit, objective)
                     r["trials"] = (r["completed"] + r["pruned"] + r["failed"]
                                    + r.get("killed", 0))
-                    row[sampler].append(r)
+                    row[arm].append(r)
                     save()
-                    _log(f"  {budget} {sampler} seed {seed}: HV {r['hv']:.4f}, best test "
+                    _log(f"  {budget} {arm} seed {seed}: HV {r['hv']:.4f}, best test "
                          f"{r['test']} ({r['method']}), {r['seconds']:.0f} s "
                          f"[{time.perf_counter() - t_start:.0f} s total]")
                 wall = row["tpe"][-1]["seconds"]  # every hand arm gets the search's time

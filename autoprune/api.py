@@ -8,13 +8,11 @@ or not, or a model factory; a `TensorData` from `autoprune.data.from_tensors`, o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from .budget import Budget
-from .engine import Recipe
 from .errors import UserError
 from .orchestration.projection import CostTable, min_reachable, project, size_prior
 from .pipeline import Workbench, budget_fractions, granularity_of, run_pruning
@@ -77,7 +75,7 @@ def prune(study: str | Study, method: str, budget: str | Budget | None = None, *
     get_method(method).make_params(**(params or {}))  # validate before loading anything
     b = budget if isinstance(budget, Budget) else Budget.parse(budget or st.budget)
     if finetune:
-        Recipe.from_dict(dataclasses.asdict(st.finetune), **finetune)  # refuse bad keys now
+        st.finetune.overridden(finetune)  # refuse bad keys now
     Path(out).mkdir(parents=True, exist_ok=True)
     check = (lambda layers: parse_layer_sparsity(layer_sparsity, layers)) if layer_sparsity \
         else None

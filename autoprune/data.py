@@ -59,6 +59,11 @@ FOLDER_PREFIX = "imagefolder:"
 FOLDER_OPTIONS = ("image_size", "mean", "std", "num_workers")  # a study's data: keys for folders
 
 
+def is_streamed(dataset: str) -> bool:
+    """Whether a study's dataset is read from disk batch by batch (its own augmentation)."""
+    return str(dataset).startswith(FOLDER_PREFIX) or dataset in STREAMED
+
+
 def dataset_info(name: str) -> DatasetInfo:
     if name.startswith(FOLDER_PREFIX) and name[len(FOLDER_PREFIX):].strip():
         return DatasetInfo(name, 3, 224, 0, True, name[len(FOLDER_PREFIX):])

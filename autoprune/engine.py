@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,12 @@ from torch import nn
 from .augment import AUGMENTATIONS
 from .data import TensorData
 from .errors import TrainingDiverged, UserError
+
+# A trial's recipe override that keeps the study's own setting (a search space choice)
+STUDY = "study"
+# overrides of a trial's fine-tune that its method's own phase takes too: a searched rate or
+# augmentation describes how this trial trains, not only its last phase
+BOTH_PHASES = ("lr", "augment")
 
 
 @dataclass
@@ -89,6 +96,21 @@ class Recipe:
         if d["augment"] == "default":
             del d["augment"]
         return d
+
+    def overridden(self, overrides: Mapping[str, Any]) -> Recipe:
+        """This recipe with a trial's overrides. A value of `STUDY` keeps this recipe's own
+        setting: a search space can then offer "the study's recipe" as one choice among others
+        (`finetune.augment: {choices: [study, none]}`). Unknown keys and bad values are
+        `UserError`s."""
+        kept = {k: v for k, v in overrides.items() if not (isinstance(v, str) and v == STUDY)}
+        return Recipe.from_dict(asdict(self), **kept) if kept else self
+
+    def augment_name(self, dataset_default: bool) -> str:
+        """The batch transform this recipe trains with, `default` resolved (`dataset_default`:
+        the dataset's own crop + flip)."""
+        if self.augment != "default":
+            return self.augment
+        return "crop-flip" if dataset_default else "none"
 
     @property
     def batch_augment(self) -> str | None:

@@ -9,7 +9,7 @@ trials pays for them once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from .budget import FRACTION_KEYS
 from .data import TensorData, load_dataset
 from .dense import dense_baseline
 from .device import default_device
-from .engine import Recipe, evaluate_split, evaluate_with_loss
+from .engine import BOTH_PHASES, Recipe, evaluate_split, evaluate_with_loss
 from .flops import Accountant, count_dense
 from .models import build_model
 from .pruning import get_method
@@ -129,10 +129,10 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
 
     seed = wb.seed if seed is None else seed
     model = wb.fresh_model()
-    ft = replace(wb.study.finetune, **(finetune or {}))
-    prune_recipe: Recipe = wb.study.prune
-    if finetune and "lr" in finetune:  # a searched learning rate applies to both phases
-        prune_recipe = replace(prune_recipe, lr=finetune["lr"])
+    finetune = finetune or {}
+    ft = wb.study.finetune.overridden(finetune)
+    prune_recipe: Recipe = wb.study.prune.overridden(
+        {k: v for k, v in finetune.items() if k in BOTH_PHASES})
     result = prune_and_finetune(model, wb.data, wb.accountant.graph, method, targets, params,
                                 prune_recipe, ft, seed=seed, on_epoch=on_epoch,
                                 on_pruned=on_pruned, resume=resume)

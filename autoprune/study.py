@@ -25,7 +25,7 @@ from torch import nn
 
 from . import yamlio
 from .budget import Budget
-from .data import FOLDER_OPTIONS, FOLDER_PREFIX, STREAMED, TensorData, from_tensors
+from .data import FOLDER_OPTIONS, TensorData, from_tensors, is_streamed
 from .engine import Recipe
 from .errors import UserError
 from .imagefolder import folder_options
@@ -367,7 +367,7 @@ def study_from_dict(d: Any, source: str = "<dict>") -> Study:
             recipes[key] = Recipe.from_dict(r)
         except (TypeError, UserError) as exc:
             raise UserError(f"{source}: '{key}': {exc}") from None
-    streamed = str(d["dataset"]).startswith(FOLDER_PREFIX) or d["dataset"] in STREAMED
+    streamed = is_streamed(d["dataset"])
     for key, r in recipes.items():
         if streamed and r.augment != "default":
             raise UserError(f"{source}: '{key}.augment' is for in-memory datasets; "

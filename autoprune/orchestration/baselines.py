@@ -20,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from ..engine import STUDY
 from ..pruning import get_method
 from .projection import PRIOR_STRENGTH, CostTable, size_prior
 from .space import Dist, SearchSpace
@@ -33,7 +34,7 @@ def _fits(dist: Dist, value: Any) -> bool:
         return dist.value == value
     if dist.kind == "categorical":
         return value in dist.choices
-    return dist.low <= value <= dist.high
+    return not isinstance(value, str) and dist.low <= value <= dist.high
 
 
 def _strength(space: SearchSpace) -> float:
@@ -52,7 +53,8 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
     its searched range) is skipped. Hyperparameters a setting leaves open take the method's
     paper default where the space allows it, else the sampler's choice. Searched fine-tune
     settings take their values in `recipe` (the study's own fine-tune recipe, what a user runs
-    by hand: `lr_scale` 1) where the space's range holds them.
+    by hand: `lr_scale` 1) where the space's range holds them, or `study` where that is one of
+    the choices (the augmentation of both of the study's recipes, as they are).
     """
     keys = space.alloc_keys(layers)
     strength = _strength(space)
@@ -85,8 +87,14 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
 
     split = {"split": "sampled"} if len(space.split) > 1 else {}  # sampled, when a choice
     recipe = recipe or {}
-    hand_ft = {f"finetune.{k}": recipe[k] for k, d in space.finetune.items()
-               if not d.fixed and k in recipe and _fits(d, recipe[k])}
+    hand_ft = {}
+    for k, d in space.finetune.items():
+        if d.fixed:
+            continue
+        if _fits(d, STUDY):  # "the study's own" is a choice (`finetune.augment`)
+            hand_ft[f"finetune.{k}"] = STUDY
+        elif k in recipe and _fits(d, recipe[k]):
+            hand_ft[f"finetune.{k}"] = recipe[k]
     glob: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
     for method, dists in space.methods.items():

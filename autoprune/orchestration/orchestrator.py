@@ -24,7 +24,7 @@ import optuna
 
 from .. import store
 from ..budget import Budget
-from ..data import data_root
+from ..data import data_root, is_streamed
 from ..errors import UserError
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
@@ -152,6 +152,9 @@ def search(opts: SearchOptions) -> dict:
                             checkpoint=opts.dense_checkpoint, log=log.info)
         t_open = time.monotonic() - t_open  # (may train the dense model: not search time)
         _check_budget_reachable(wb, budget, space)
+        space = space.for_data(
+            {r.augment_name(wb.data.info.augment) for r in (study.prune, study.finetune)},
+            "crop-flip" if wb.data.info.augment else "none", is_streamed(study.dataset))
         storage = open_storage(storage_url)
         ot_study, objectives = prepare_optuna(storage, study.name, sampler,
                                               budget.objectives(opts.objective == "front"))

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import yamlio
+from ..engine import STUDY
 from ..errors import UserError
 from .projection import PRIOR_STRENGTH
 from .space_schema import (  # noqa: F401 - Dist and DIST_KEYS are part of this module's face
@@ -216,6 +217,33 @@ class SearchSpace:
             raise UserError(f"{self.source}: no method of this space can prune whole filters, "
                             f"which a flops= budget needs (use sparse_flops=, params= or weights=)")
         return dataclasses.replace(self, methods=methods)
+
+    def for_data(self, study_augments: set[str], dataset_default: str,
+                 streamed: bool) -> SearchSpace:
+        """The space a study's data can use: `finetune.augment` (the batch transform of both
+        phases) keeps only the choices that differ from `study`, the study's own recipes
+        (`study_augments`: the transforms they name; `dataset_default` is what `default`
+        names). A streamed dataset crops on its own, so `study` is its only choice (another
+        fixed value is a `UserError`). A choice left alone is fixed: the sampler then spends
+        no trials on a dimension that changes nothing (MNIST studies without augmentation)."""
+        dist = self.finetune.get("augment")
+        if dist is None:
+            return self
+        values = dist.probes()
+        if streamed:
+            keep = [v for v in values if v == STUDY]
+            if not keep:
+                raise UserError(f"{self.source}: finetune.augment is for in-memory datasets; "
+                                f"a streamed dataset trains with its own crops ({STUDY})")
+        else:
+            def same(v: Any) -> bool:
+                return study_augments == {dataset_default if v == "default" else v}
+            keep = [v for v in values if v == STUDY or STUDY not in values or not same(v)]
+        if keep == values:
+            return self
+        narrowed = (Dist("fixed", value=keep[0]) if len(keep) == 1
+                    else dataclasses.replace(dist, choices=tuple(keep)))
+        return dataclasses.replace(self, finetune={**self.finetune, "augment": narrowed})
 
     # -- Optuna -------------------------------------------------------------------------------
     def suggest(self, trial: Any, layers: list[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Recipe
+from ..engine import STUDY, Recipe
 from ..errors import UserError
 from ..pruning.hparams import field_type
 
@@ -205,6 +205,8 @@ def parse_finetune(f: Any, fail) -> dict[str, Dist]:
 
 
 def _check_recipe_value(k: str, type_name: str, v: Any, key: str, fail) -> None:
+    if isinstance(v, str) and v == STUDY:  # the study's own setting, whatever it is
+        return
     expected = _TYPES.get(type_name)
     ok = (isinstance(v, expected) and not isinstance(v, bool) if expected in (int, str)
           else isinstance(v, (int, float)) and not isinstance(v, bool) if expected is float

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from .. import store
 from ..budget import Budget
+from ..engine import STUDY
 from ..pareto import best as pareto_best
 from ..store import KILLED_ATTR
 
@@ -59,7 +60,8 @@ def rerun_command(point: dict, study: str, budget: str) -> str | None:
     for k, v in hp.items():
         parts += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
     for k, v in (point.get("finetune") or {}).items():
-        parts += ["--finetune", f"{k}={v}"]
+        if v != STUDY:  # the study's own setting: nothing to override
+            parts += ["--finetune", f"{k}={v}"]
     # repr: the exact value; a rounded one can flip n_pruned at a .5 boundary (a different plan)
     parts += ["--layer-sparsity", ",".join(f"{k}={v!r}" for k, v in layers.items())]
     return " ".join(shlex.quote(p) for p in parts)

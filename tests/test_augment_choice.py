@@ -1,0 +1,113 @@
+"""The searched augmentation (`finetune.augment: {choices: [study, none]}` in the default space).
+
+What users rely on: `none` really trains both phases of a trial on plain images (so a trial
+measures what its finalist will run), `study` is exactly the study's own recipes, the hand
+baselines keep the study's recipes, and a choice that cannot change anything (a study without
+augmentation) or cannot run (a streamed dataset) is not searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from autoprune.engine import STUDY, Recipe
+from autoprune.errors import UserError
+from autoprune.orchestration.space import SearchSpace
+from autoprune.orchestration.summary import rerun_command
+from autoprune.paths import SPACES_DIR
+from autoprune.pipeline import Workbench, run_pruning
+from autoprune.study import load_study
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory) -> Workbench:
+    """The digits study with both of its recipes shifting the images, as lenet5-mnist does."""
+    wb = Workbench.open(load_study("digits-lenet"), tmp_path_factory.mktemp("dense"), seed=0)
+    st = wb.study
+    return dataclasses.replace(wb, study=dataclasses.replace(
+        st, prune=dataclasses.replace(st.prune, augment="shift"),
+        finetune=dataclasses.replace(st.finetune, augment="shift")))
+
+
+def _weights(wb: Workbench, finetune: dict, ramp: float = 1) -> dict[str, torch.Tensor]:
+    params = {"gradual": True, "epochs": ramp} if ramp else {}
+    model, _ = run_pruning(wb, "magnitude", params, {n: 0.5 for n in wb.layers},
+                           finetune=finetune, seed=3)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_none_trains_both_phases_plainly_and_study_is_the_recipe_itself(shifted):
+    own = _weights(shifted, {"epochs": 1})
+    assert _same(own, _weights(shifted, {"epochs": 1, "augment": STUDY}))
+    # the method's own phase alone (no fine-tune): `none` reaches it too
+    assert not _same(_weights(shifted, {"epochs": 0}),
+                     _weights(shifted, {"epochs": 0, "augment": "none"}))
+    # the fine-tune alone (one-shot pruning)
+    assert not _same(_weights(shifted, {"epochs": 1}, ramp=0),
+                     _weights(shifted, {"epochs": 1, "augment": "none"}, ramp=0))
+    plain = dataclasses.replace(shifted, study=dataclasses.replace(
+        shifted.study, prune=dataclasses.replace(shifted.study.prune, augment="none"),
+        finetune=dataclasses.replace(shifted.study.finetune, augment="none")))
+    assert _same(_weights(plain, {"epochs": 1}),
+                 _weights(shifted, {"epochs": 1, "augment": "none"}))
+
+
+def test_a_recipe_override_of_study_keeps_the_recipe_and_bad_keys_still_fail():
+    r = Recipe(lr=0.1, augment="shift")
+    assert r.overridden({"augment": STUDY}) == r
+    assert r.overridden({"augment": "none", "lr": 0.2}) == Recipe(lr=0.2, augment="none")
+    with pytest.raises(UserError, match="unknown recipe key"):
+        r.overridden({"mixup": 0.2})
+    with pytest.raises(UserError, match="augment"):
+        r.overridden({"augment": "mixup"})
+
+
+def test_the_default_space_searches_augment_only_where_it_changes_something():
+    space = SearchSpace.load(SPACES_DIR / "default.yaml")
+    assert space.finetune["augment"].choices == (STUDY, "none")
+    # lenet5-mnist shifts its digits: both choices stay
+    assert space.for_data({"shift"}, "none", False) is space
+    # digits-lenet trains without augmentation: `none` would repeat `study`
+    for augments, default in (({"none"}, "none"), ({"none"}, "crop-flip")):
+        fixed = space.for_data(augments, default, False).finetune["augment"]
+        assert fixed.fixed and fixed.value == STUDY
+    # a dataset whose default is crop + flip keeps `none` as a real choice
+    assert space.for_data({"crop-flip"}, "crop-flip", False) is space
+    # an image folder crops on its own: only `study` can run
+    assert space.for_data({"crop-flip"}, "crop-flip", True).finetune["augment"].value == STUDY
+    forced = SearchSpace.from_dict({"methods": "declared", "finetune": {"augment": "none"}})
+    with pytest.raises(UserError, match="in-memory"):
+        forced.for_data({"crop-flip"}, "crop-flip", True)
+    with pytest.raises(UserError, match="finetune.augment"):
+        SearchSpace.from_dict({"methods": "declared",
+                               "finetune": {"augment": {"choices": [STUDY, "mixup"]}}})
+
+
+def test_hand_baselines_keep_the_study_recipes(digits):
+    from autoprune.flops import Accountant
+    from autoprune.models import build_model
+    from autoprune.orchestration.baselines import baseline_params
+    from autoprune.orchestration.projection import CostTable
+
+    table = CostTable.from_accountant(Accountant(build_model("lenet-digits", 10, 1, 8),
+                                                 digits.example()))
+    space = SearchSpace.load(SPACES_DIR / "default.yaml")
+    recipe = dataclasses.asdict(Recipe(lr=0.02, augment="shift"))
+    params = baseline_params(space, table, list(table.layers), "weight", recipe)
+    assert params and all(p["finetune.augment"] == STUDY for p in params)
+
+
+def test_a_rerun_command_names_no_study_override():
+    point = {"method": "magnitude", "hparams": "{}", "layer_sparsity": {"conv1": 0.5},
+             "finetune": {"augment": STUDY, "lr_scale": 2.0}}
+    cmd = rerun_command(point, "digits-lenet", "params=0.5")
+    assert "augment" not in cmd and "lr_scale=2.0" in cmd
+    point["finetune"]["augment"] = "none"
+    assert "augment=none" in rerun_command(point, "digits-lenet", "params=0.5")

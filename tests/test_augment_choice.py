@@ -111,3 +111,42 @@ def test_a_rerun_command_names_no_study_override():
     assert "augment" not in cmd and "lr_scale=2.0" in cmd
     point["finetune"]["augment"] = "none"
     assert "augment=none" in rerun_command(point, "digits-lenet", "params=0.5")
+
+
+def test_the_best_hand_baseline_is_tried_again_without_augmentation():
+    """Once every hand baseline has finished, the most accurate in-budget one is enqueued again
+    with `none` (as a baseline, once per study): otherwise TPE's good trials all hold `study`."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.orchestration.baselines import (
+        BASELINE_ATTR,
+        enqueue_variants,
+        other_choices,
+    )
+
+    others = other_choices(SearchSpace.load(SPACES_DIR / "default.yaml"))
+    assert others == {"finetune.augment": ["none"]}
+    ot = optuna.create_study(direction="maximize")
+    for x in (0.1, 0.2, 0.3):
+        ot.enqueue_trial({"x": x, "finetune.augment": STUDY}, user_attrs={BASELINE_ATTR: True})
+
+    def run(val: float, violation: float) -> None:
+        t = ot.ask()
+        t.suggest_float("x", 0.0, 1.0)
+        t.suggest_categorical("finetune.augment", [STUDY, "none"])
+        for k in ("flops_frac", "params_frac"):
+            t.set_user_attr(k, 0.5)
+        t.set_constraint("budget", violation)
+        ot.tell(t, val)
+
+    run(0.90, 0.0)
+    run(0.99, 0.3)  # the most accurate, but over budget
+    assert enqueue_variants(ot, others) == 0  # a baseline is still waiting
+    run(0.95, 0.0)
+    assert enqueue_variants(ot, others) == 1
+    waiting = ot.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs[BASELINE_ATTR]
+    assert waiting[0].system_attrs["fixed_params"] == {"x": 0.3, "finetune.augment": "none"}
+    assert enqueue_variants(ot, others) == 0  # once per study
+    assert enqueue_variants(optuna.create_study(), {}) == 0

@@ -178,6 +178,10 @@ def test_time_matched_finalist_length():
     assert spec.epochs_for(1.0) == 30
     assert spec.epochs_for(10.0) == 12  # the floor
     assert spec.epochs_for(0.01) == 100  # the ceiling
+    # the time spent timing an epoch, and the trial's own phase (stretch adds it back), are
+    # part of the finalist's time: its whole length fits in it
+    assert spec.epochs_for(0.5, phase=2.5, spent=5.0) == 47  # 25 s left: 50 epochs, 2.5 phase
+    assert spec.epochs_for(1.0, phase=2.0, spent=30.0) == 12  # still the floor
     assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).epochs_for(0.01) == 12  # --final-epochs
 
 

@@ -25,6 +25,7 @@ the rest in their existing MLflow runs (finalist_runs.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -67,11 +68,14 @@ class Finalist:
     def epochs(self) -> int:
         return int(self.finetune["epochs"])
 
-    def epochs_for(self, epoch_seconds: float) -> int:
-        """The fine-tune length this finalist runs, given the time of one epoch."""
+    def epochs_for(self, epoch_seconds: float, phase: float = 0.0, spent: float = 0.0) -> int:
+        """The fine-tune length this finalist runs, given the time of one epoch: what fits in
+        its time less `spent` seconds (timing that epoch) and less the `phase` epochs of its
+        trial's own method phase, which `stretch` adds back. (Counting neither, the twelfth
+        runs' finalists overran their time by 19-23 %: docs/benchmarks.md.)"""
         if self.seconds is None:
             return self.epochs
-        fit = int(self.seconds // max(epoch_seconds, 1e-9))
+        fit = int(max(0.0, self.seconds - spent) / max(epoch_seconds, 1e-9) - phase)
         return max(self.epochs, min(fit, self.max_epochs or fit))
 
 
@@ -192,12 +196,15 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
             ctx.faults.on_final_epoch(spec.trial)
 
         seed = ctx.seed + max(spec.trial, 0)
-        epochs = spec.epochs if spec.seconds is None else spec.epochs_for(
-            _epoch_seconds(wb, spec, seed))
+        phase_of = functools.partial(phase_epochs, wb, spec.method)
+        epochs = spec.epochs
+        if spec.seconds is not None:
+            t0 = time.perf_counter()
+            epoch = _epoch_seconds(wb, spec, seed)
+            epochs = spec.epochs_for(epoch, phase_of(spec.params), time.perf_counter() - t0)
         trial_epochs = (float(wb.study.finetune.epochs) if spec.trial_epochs is None
                         else spec.trial_epochs)
-        params, epochs = stretch(spec, epochs, trial_epochs,
-                                 lambda p: phase_epochs(wb, spec.method, p))
+        params, epochs = stretch(spec, epochs, trial_epochs, phase_of)
         model, m = run_pruning(wb, spec.method, params, spec.targets,
                                finetune={**spec.finetune, "epochs": epochs}, seed=seed,
                                on_epoch=progress)
@@ -205,7 +212,7 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
     except Exception as exc:  # noqa: BLE001 - recorded as a failed finalist, the search goes on
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     return {**{k: float(m[k]) for k in FINALIST_METRICS}, "checkpoint": str(ckpt), "epochs": epochs,
-            "phase_epochs": phase_epochs(wb, spec.method, params),
+            "phase_epochs": phase_of(params),
             "hparams": json.dumps(params), "history": m["history"]}
 
 

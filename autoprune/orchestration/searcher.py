@@ -8,6 +8,8 @@ What Ray's class does not do (see STACK_NOTES.md):
 - put the Optuna trial number into the config (and `BASELINE_KEY` for an enqueued hand
   baseline, which the scheduler never stops), so that the driver, MLflow and Optuna agree on
   which trial is which (the MLflow child run is keyed by it);
+- once every hand baseline has finished, enqueue the best one again with each other value of a
+  searched `study` choice (`baselines.enqueue_variants`);
 - keep each rung result on the Optuna trial (`RUNGS_ATTR`; Optuna takes no intermediate
   values for several objectives), so that a resumed search's ASHA starts from them; with one
   objective (the default, `Budget.objectives`) also as the trial's intermediate values, which
@@ -27,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..names import VAL_ACC
 from ..record import TrialRecord
 from ..store import RUNGS_ATTR
-from .baselines import BASELINE_ATTR
+from .baselines import BASELINE_ATTR, enqueue_variants
 from .scheduler import BASELINE_KEY, RUNG_KEY, SIZE_KEY, STOPPED_ATTR
 
 TRIAL_NUMBER_KEY = "optuna_trial"
@@ -37,6 +39,11 @@ FAILED_ATTRS = TrialRecord.FAILED_ATTRS
 
 
 class PruningSearch(OptunaSearch):
+    def __init__(self, *args: Any, others: dict[str, list[Any]] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._others = others or {}  # `baselines.other_choices`: variants of the best baseline
+
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if config is not None:
@@ -91,7 +98,9 @@ class PruningSearch(OptunaSearch):
             if key in result:
                 ot_trial.set_user_attr(key, result[key])
         super().on_trial_complete(trial_id, result, error)
+        enqueue_variants(self._ot_study, self._others)
 
     def _tell(self, trial_id: str, values: Any, state: TrialState) -> None:
         self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         self._completed_trials.add(trial_id)
+        enqueue_variants(self._ot_study, self._others)

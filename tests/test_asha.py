@@ -307,7 +307,7 @@ def test_default_search_stops_weak_trials_early(ray_session, tmp_path):
     try:  # one trial at a time: the rung comparisons are the same on every run
         summary = search(SearchOptions(study="digits-lenet", space=str(space), budget="flops=0.4",
                                        trials=8, workers=1, out=str(tmp_path / "runs"), seed=0,
-                                       baselines=False))
+                                       baselines=False, finalists=0))
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

@@ -86,10 +86,13 @@ def test_search_spreads_over_both_nodes(cluster, mlflow_server, dense_cache, tmp
     proc = run_driver(["--study", STUDY, "--space", str(space), "--budget", "flops=0.4",
                        "--trials", "4", "--workers", "2", "--cpus-per-trial", "1",
                        "--ray-address", cluster.address, "--tracking-uri", server,
-                       "--optuna-storage", storage, "--out", str(out), "--json"])
+                       "--optuna-storage", storage, "--out", str(out), "--json",
+                       "--finalists", "1", "--final-epochs", "1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["trials_completed"] == 4
+    # the lone finalist fits on one node: it once asked for both nodes' CPUs and waited for ever
+    assert len(summary["finalists"]) == 1 and "val_accuracy" in summary["finalists"][0]
 
     node_ids = {n.node_id for n in cluster.list_all_nodes()}
     assert len(node_ids) == 2

@@ -65,7 +65,8 @@ def _search(out, space, trial_workers: int, trials: int):
     # sparse_flops: weight-granularity AGP, whose masks are compared element by element below
     return search(SearchOptions(study="digits-lenet", space=str(space), budget="sparse_flops=0.4",
                                 trials=trials, workers=1, cpus_per_trial=0.5, out=str(out),
-                                seed=0, trial_workers=trial_workers, baselines=False))
+                                seed=0, trial_workers=trial_workers, baselines=False,
+                                finalists=0))
 
 
 def _trial0(out):

@@ -174,6 +174,9 @@ def test_time_matched_finalist_length():
     assert pack(2, workers=3, cpus=1.0, gpus=0.0) == (2, 1.0)  # whole CPUs above one
     assert pack(1, workers=4, cpus=1.0, gpus=0.0, available=2.0) == (1, 2.0)
     assert pack(3, workers=2, cpus=1.0, gpus=0.5) == (2, 1.0)  # a GPU is not split further
+    # one process per finalist: never more CPUs than the largest node has (two 1-CPU nodes)
+    assert pack(1, workers=2, cpus=1.0, gpus=0.0, available=2.0, node=1.0) == (1, 1.0)
+    assert pack(3, workers=2, cpus=1.0, gpus=0.0, available=2.0, node=1.0) == (3, 0.6666)
     spec = plan(_rec(0, 0.9, 0.3, 0.3), epochs=12, seconds=30.0, max_epochs=100)
     assert spec.epochs_for(1.0) == 30
     assert spec.epochs_for(10.0) == 12  # the floor

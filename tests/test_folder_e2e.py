@@ -31,7 +31,7 @@ def test_search_then_export_reproduces_on_the_folder(ray_session, tmp_path, caps
     space.write_text(QUICK_SPACE)
     out = tmp_path / "out"
     rc = main(["search", "--study", str(study), "--space", str(space), "--trials", "2",
-               "--workers", "1", "--out", str(out), "--json"])
+               "--workers", "1", "--finalists", "0", "--out", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trials_completed"] == 2 and summary["trials_failed"] == 0

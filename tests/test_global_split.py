@@ -231,7 +231,7 @@ def test_search_starts_with_the_global_baseline(ray_session, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(QUICK_SPACE + "  split: [sampled, global]\n")
     opts = SearchOptions(study="digits-lenet", space=str(space), budget="flops=0.4", trials=4,
-                         workers=2, out=str(tmp_path / "runs"), seed=0)
+                         workers=2, out=str(tmp_path / "runs"), seed=0, finalists=0)
     summary = search(opts)
     assert summary["trials_completed"] >= 2, summary["errors"]
     study = optuna.load_study(study_name="digits-lenet", storage=f"sqlite:///"

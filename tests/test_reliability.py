@@ -144,7 +144,7 @@ def test_killed_worker_retries_from_checkpoint_and_raising_trial_fails(
     monkeypatch.setenv("AUTOPRUNE_TEST_RAISE_TRIAL", "2")  # trial 2 raises
     space = write_space(tmp_path, PHASED_SPACE)
     summary = search(SearchOptions(study=STUDY, space=space, budget="flops=0.4", trials=3,
-                                   workers=2, out=str(new_out), seed=0))
+                                   workers=2, out=str(new_out), seed=0, finalists=0))
     assert (new_out / STUDY / ".killed-trial-1").exists(), "the worker of trial 1 was killed"
     assert summary["trials_completed"] == 2 and summary["trials_failed"] == 1
     assert summary["trials_killed"] == 0 and not summary["interrupted"]
@@ -260,7 +260,7 @@ def test_ctrl_c_stops_cleanly_second_search_refused_resume_finishes(
         ray_session, new_out, tmp_path, capsys):
     space = write_space(tmp_path, QUICK_SPACE)
     args = ["--study", STUDY, "--space", space, "--budget", "flops=0.4", "--trials", "4",
-            "--workers", "2", "--out", str(new_out)]
+            "--workers", "2", "--finalists", "0", "--out", str(new_out)]
     # slow trials (2 s per epoch) so that two are running when Ctrl-C comes
     driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "2"})
     try:
@@ -301,7 +301,7 @@ def test_ctrl_c_stops_cleanly_second_search_refused_resume_finishes(
 def test_driver_sigkill_then_resume_finishes_budget(ray_session, new_out, tmp_path, capsys):
     space = write_space(tmp_path, QUICK_SPACE)
     args = ["--study", STUDY, "--space", space, "--budget", "flops=0.4", "--trials", "4",
-            "--workers", "2", "--out", str(new_out)]
+            "--workers", "2", "--finalists", "0", "--out", str(new_out)]
     driver = Driver(args, env={"AUTOPRUNE_TEST_SLOW_TRIAL": "2"})
     try:
         # a trial done, and another one's MLflow run open (a trial is RUNNING in Optuna a

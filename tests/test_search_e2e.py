@@ -19,7 +19,7 @@ from autoprune.pareto import front
 def finished_search(ray_session, tmp_path_factory, tiny_space):
     out = tmp_path_factory.mktemp("runs")
     opts = SearchOptions(study="digits-lenet", space=tiny_space, budget="flops=0.4", trials=4,
-                         workers=2, out=str(out), seed=0)
+                         workers=2, out=str(out), seed=0, finalists=0)
     return out, opts, search(opts)
 
 
@@ -70,7 +70,8 @@ def test_mlflow_has_parent_and_one_child_per_trial(finished_search):
 def test_resume_extends_without_repeating(finished_search, capsys):
     out, opts, _ = finished_search
     rc = main(["search", "--study", "digits-lenet", "--space", opts.space, "--budget",
-               "flops=0.4", "--trials", "5", "--out", str(out), "--resume", "--json"])
+               "flops=0.4", "--trials", "5", "--out", str(out), "--resume", "--finalists", "0",
+               "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     study = optuna.load_study(study_name="digits-lenet",
@@ -129,14 +130,16 @@ def test_relative_data_root_reaches_the_workers(ray_session, mnist_root, tmp_pat
     monkeypatch.delenv("AUTOPRUNE_DATA", raising=False)
     relative = os.path.relpath(root, work)
     summary = search(SearchOptions(study=str(study), space=tiny_space, budget="flops=0.5",
-                                   trials=2, workers=2, out="runs", data_root=relative))
+                                   trials=2, workers=2, out="runs", data_root=relative,
+                                   finalists=0))
     assert summary["errors"] == [] and summary["trials_completed"] == 2, summary["errors"]
 
 
 def test_time_limit_stops_and_resume_finishes(ray_session, tmp_path, tiny_space, capsys):
     """A search cut by --time-limit says so, records its stopped trials as killed (so they do
     not count towards --trials), and --resume finishes the budgeted number."""
-    args = ["search", "--space", tiny_space, "--budget", "flops=0.4", "--out", str(tmp_path)]
+    args = ["search", "--space", tiny_space, "--budget", "flops=0.4", "--out", str(tmp_path),
+            "--finalists", "0"]
     rc = main([*args, "--trials", "3", "--time-limit", "1s"])
     err = capsys.readouterr().err
     assert "--time-limit reached" in err and "--resume" in err

@@ -76,6 +76,15 @@ def _probe(address: str, timeout: float = 10.0) -> None:
                         f"({exc.strerror or exc}); is `ray start --head` running?") from None
 
 
+def largest_node_cpus() -> float | None:
+    """The CPUs of the cluster's largest live node: what one single-process task (a
+    finalist) can be given at most; None when Ray reports no node."""
+    import ray
+
+    cpus = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus) if cpus else None
+
+
 def check_gpus(opts: SearchOptions) -> None:
     """Refuse at once what no node of the cluster can ever run (Tune would wait forever)."""
     import ray

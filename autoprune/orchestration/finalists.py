@@ -41,6 +41,7 @@ from .. import store
 from ..finalist_runs import FINALIST_METRICS, FinalistRuns
 from ..record import TrialRecord
 from ..study import Study
+from .cluster import largest_node_cpus
 from .trial import TrialContext
 
 log = logging.getLogger("autoprune")
@@ -97,7 +98,7 @@ def finalist_seconds(search_seconds: float, k: int, at_once: int) -> float:
 
 
 def pack(k: int, workers: int, cpus: float, gpus: float,
-         available: float | None = None) -> tuple[int, float]:
+         available: float | None = None, node: float | None = None) -> tuple[int, float]:
     """How many of `k` finalists run at once, and the CPUs each is given.
 
     On CPUs all `k` run at once and share the `workers` x `cpus` the trials had: the stage
@@ -108,12 +109,17 @@ def pack(k: int, workers: int, cpus: float, gpus: float,
     Ray's 4 decimals so that `k` of them fit. With GPUs a finalist keeps the trial's
     CPUs and GPUs, `workers` at a time: a GPU is not split further than the user split it.
     `available`: the cluster's CPUs, when fewer than `workers` x `cpus` (the trials queued).
+    `node`: the CPUs of the cluster's largest node. A finalist is one process on one node, so
+    its share is capped there (a lone finalist after 2 one-CPU trials on two one-CPU nodes
+    asked for 2 CPUs, which no node has, and Ray waited for ever).
     """
     k = max(1, k)
     if gpus > 0:
         return min(k, max(1, workers)), cpus
     total = max(1, workers) * cpus
     share = (total if available is None else min(total, max(available, 1e-4))) / k
+    if node is not None:
+        share = min(share, max(node, 1e-4))
     return k, float(int(share)) if share >= 1 else math.floor(share * 1e4) / 1e4
 
 
@@ -253,7 +259,7 @@ def run_stage(ot_study: optuna.Study, tracker, parent_id: str, ctx: TrialContext
     if not todo:
         return summary
     at_once, each = pack(len(todo), workers, cpus, gpus,
-                         ray.cluster_resources().get("CPU"))
+                         ray.cluster_resources().get("CPU"), largest_node_cpus())
     length = (f"{todo[0].epochs} fine-tune epochs" if seconds is None else
               f"as many fine-tune epochs as fit in {seconds:.0f} s each (the trial stage's "
               f"time; {todo[0].epochs} to {max_epochs})")

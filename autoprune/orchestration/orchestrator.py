@@ -25,6 +25,7 @@ import optuna
 from .. import store
 from ..budget import Budget
 from ..data import data_root, is_streamed
+from ..engine import Recipe
 from ..errors import UserError
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
@@ -154,7 +155,7 @@ def search(opts: SearchOptions) -> dict:
         _check_budget_reachable(wb, budget, space)
         space = space.for_data(
             {r.augment_name(wb.data.info.augment) for r in (study.prune, study.finetune)},
-            "crop-flip" if wb.data.info.augment else "none", is_streamed(study.dataset))
+            Recipe().augment_name(wb.data.info.augment), is_streamed(study.dataset))
         storage = open_storage(storage_url)
         ot_study, objectives = prepare_optuna(storage, study.name, sampler,
                                               budget.objectives(opts.objective == "front"))

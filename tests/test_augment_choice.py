@@ -126,7 +126,7 @@ def test_the_best_hand_baseline_is_tried_again_without_augmentation():
     )
 
     others = other_choices(SearchSpace.load(SPACES_DIR / "default.yaml"))
-    assert others == {"finetune.augment": ["none"]}
+    assert others == {"finetune.augment": (STUDY, ["none"]), "prior_strength": (0.5, [1.0])}
     ot = optuna.create_study(direction="maximize")
     for x in (0.1, 0.2, 0.3):
         ot.enqueue_trial({"x": x, "finetune.augment": STUDY}, user_attrs={BASELINE_ATTR: True})
@@ -150,3 +150,46 @@ def test_the_best_hand_baseline_is_tried_again_without_augmentation():
     assert waiting[0].system_attrs["fixed_params"] == {"x": 0.3, "finetune.augment": "none"}
     assert enqueue_variants(ot, others) == 0  # once per study
     assert enqueue_variants(optuna.create_study(), {}) == 0
+
+
+def _variants_of(params: dict, others: dict) -> list[dict]:
+    """The variants enqueued when `params` is the one finished hand baseline."""
+    import optuna
+
+    from autoprune.orchestration.baselines import BASELINE_ATTR, enqueue_variants
+
+    ot = optuna.create_study(direction="maximize")
+    ot.enqueue_trial(params, user_attrs={BASELINE_ATTR: True})
+    t = ot.ask()
+    t.suggest_categorical("finetune.augment", [STUDY, "none"])
+    if "prior_strength" in params:
+        t.suggest_float("prior_strength", 0.0, 1.5)
+    for k in ("flops_frac", "params_frac"):
+        t.set_user_attr(k, 0.5)
+    t.set_constraint("budget", 0.0)
+    ot.tell(t, 0.9)
+    enqueue_variants(ot, others)
+    return [w.system_attrs["fixed_params"]
+            for w in ot.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+
+
+def test_the_best_size_prior_baseline_is_tried_again_with_the_small_layers_spared_more():
+    """A baseline with the default size prior (strength 0.5) is also tried at
+    `STRONGER_PRIOR`, with and without the study's augmentation (at 355.9x the stronger prior
+    tested 0.5 points higher over 18 epochs, on two seeds); one with the uniform split
+    (strength 0) or the global split (no prior) only without the augmentation; a space that
+    fixes the strength, or whose range lacks the stronger one, adds nothing."""
+    from autoprune.orchestration.baselines import STRONGER_PRIOR, other_choices
+
+    space = SearchSpace.load(SPACES_DIR / "default.yaml")
+    others = other_choices(space)
+    size = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.5}, others)
+    assert size == [{"finetune.augment": STUDY, "prior_strength": STRONGER_PRIOR},
+                    {"finetune.augment": "none", "prior_strength": 0.5},
+                    {"finetune.augment": "none", "prior_strength": STRONGER_PRIOR}]
+    flat = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.0}, others)
+    assert flat == [{"finetune.augment": "none", "prior_strength": 0.0}]
+    assert _variants_of({"finetune.augment": STUDY}, others) == [{"finetune.augment": "none"}]
+    for strength in (0.5, {"low": 0.0, "high": 0.8}):
+        raw = {"methods": "declared", "sparsity": {"prior_strength": strength}}
+        assert "prior_strength" not in other_choices(SearchSpace.from_dict(raw))

@@ -15,6 +15,7 @@ are (up to the noise of one run). Nothing here names a method: the settings come
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -27,6 +28,11 @@ from .space import Dist, SearchSpace
 
 BASELINE_ATTR = "baseline"  # Optuna user attr of an enqueued baseline trial
 VARIANTS_ATTR = "baseline_variants"  # Optuna study attr: the trial whose variants were enqueued
+# The size prior's strength of the best baseline's variant: twice the default, which spares the
+# small layers more. AGP magnitude on LeNet-5, 18 epochs, seeds 0 and 2: at 355.9x weights test
+# 0.9834 / 0.9838 against 0.9780 / 0.9767 at 0.5; at 71.2x a tie, 0.9922 / 0.9926 against
+# 0.9921 / 0.9928 (docs/benchmarks.md, fourteenth runs).
+STRONGER_PRIOR = 1.0
 log = logging.getLogger("autoprune")
 
 
@@ -136,23 +142,33 @@ def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limi
     return n
 
 
-def other_choices(space: SearchSpace) -> dict[str, list[Any]]:
-    """The searched fine-tune choices besides `study` (Optuna names: `finetune.augment`)."""
-    return {f"finetune.{k}": [v for v in d.choices if v != STUDY]
-            for k, d in space.finetune.items() if d.kind == "categorical" and STUDY in d.choices}
+def other_choices(space: SearchSpace) -> dict[str, tuple[Any, list[Any]]]:
+    """What the best hand baseline is tried again with: {Optuna name: (the baselines' value,
+    [the others])}. The searched fine-tune choices besides `study` (`finetune.augment`), and
+    where the size prior's strength is searched, `STRONGER_PRIOR` (the baselines hold 0.5)."""
+    out: dict[str, tuple[Any, list[Any]]] = {
+        f"finetune.{k}": (STUDY, [v for v in d.choices if v != STUDY])
+        for k, d in space.finetune.items() if d.kind == "categorical" and STUDY in d.choices}
+    d, base = space.prior_strength, _strength(space)
+    if space.prior == "size" and not d.fixed and base < STRONGER_PRIOR \
+            and _fits(d, STRONGER_PRIOR):
+        out["prior_strength"] = (base, [STRONGER_PRIOR])
+    return out
 
 
-def enqueue_variants(ot_study: optuna.Study, others: dict[str, list[Any]]) -> int:
-    """Once every hand baseline has finished, enqueue the most accurate in-budget one again
-    with each value in `others` (`other_choices`), as a baseline; once per study.
+def enqueue_variants(ot_study: optuna.Study, others: dict[str, tuple[Any, list[Any]]]) -> int:
+    """Once every hand baseline has finished, enqueue the most accurate in-budget one that
+    holds the study's recipes again with every combination of the values in `others`
+    (`other_choices`) that it can take, as baselines; once per study.
 
-    The baselines all train with the study's own recipes, so TPE's good trials all hold
-    `study` and it hardly proposes another value: at 355.9x weights on LeNet-5, two sampled
-    trials of ten tried `augment: none` (one killed by the time limit), where plain images
-    score val 0.959 against 0.955 at a trial's length. The best hand run, repeated without
-    augmentation, is a user's next try by hand, and puts both values among the good trials:
-    TPE then tried `none` in 4 of 10, and the variant was the pick, 0.30 test points above the
-    same baseline with the study's shift (docs/benchmarks.md, thirteenth runs).
+    The baselines all train with the study's own recipes and the default prior, so TPE's good
+    trials all hold them and it hardly proposes another value: at 355.9x weights on LeNet-5,
+    two sampled trials of ten tried `augment: none` (one killed by the time limit), where plain
+    images score val 0.959 against 0.955 at a trial's length. The best hand run, repeated
+    without augmentation or with the small layers spared more, is a user's next try by hand,
+    and puts those values among the good trials: TPE then tried `none` in 4 of 10, and the
+    variant was the pick, 0.30 test points above the same baseline with the study's shift
+    (docs/benchmarks.md, thirteenth runs).
     """
     from optuna.trial import TrialState
 
@@ -163,16 +179,22 @@ def enqueue_variants(ot_study: optuna.Study, others: dict[str, list[Any]]) -> in
     hand = [t for t in ot_study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR)]
     if not hand or not all(t.state.is_finished() for t in hand):
         return 0
+    recipes = [k for k, (base, _) in others.items() if base == STUDY]
     done = [(TrialRecord.from_optuna(t), t) for t in hand if t.state == TrialState.COMPLETE
-            and all(t.params.get(k) == STUDY for k in others)]
+            and all(t.params.get(k) == STUDY for k in recipes)]
     done = [(r, t) for r, t in done if r.feasible]
     best = max(done, key=lambda rt: rt[0].val_accuracy, default=(None, None))[1]
-    variants = [] if best is None else [{**best.params, k: v}
-                                        for k, values in others.items() for v in values]
+    # the dimensions this baseline holds at the baselines' value (a global split has no prior)
+    axes = {} if best is None else {k: [base, *alts] for k, (base, alts) in others.items()
+                                    if k in best.params and best.params[k] == base}
+    variants = [] if best is None else [
+        {**best.params, **dict(zip(axes, combo, strict=True))}
+        for combo in itertools.product(*axes.values())][1:]  # the first is the baseline itself
     for p in variants:
         ot_study.enqueue_trial(p, user_attrs={BASELINE_ATTR: True})
     ot_study.set_user_attr(VARIANTS_ATTR, -1 if best is None else best.number)
     if variants:
         log.info(f"trial {best.number}, the best hand baseline, is tried again with "
-                 + ", ".join(f"{k}={v}" for p in variants for k, v in p.items() if k in others))
+                 + "; ".join(", ".join(f"{k}={p[k]}" for k in axes if p[k] != best.params[k])
+                             for p in variants))
     return len(variants)

@@ -8,8 +8,8 @@ What Ray's class does not do (see STACK_NOTES.md):
 - put the Optuna trial number into the config (and `BASELINE_KEY` for an enqueued hand
   baseline, which the scheduler never stops), so that the driver, MLflow and Optuna agree on
   which trial is which (the MLflow child run is keyed by it);
-- once every hand baseline has finished, enqueue the best one again with each other value of a
-  searched `study` choice (`baselines.enqueue_variants`);
+- once every hand baseline has finished, enqueue the best one again with the other values of a
+  searched `study` choice and a stronger size prior (`baselines.enqueue_variants`);
 - keep each rung result on the Optuna trial (`RUNGS_ATTR`; Optuna takes no intermediate
   values for several objectives), so that a resumed search's ASHA starts from them; with one
   objective (the default, `Budget.objectives`) also as the trial's intermediate values, which
@@ -39,7 +39,7 @@ FAILED_ATTRS = TrialRecord.FAILED_ATTRS
 
 
 class PruningSearch(OptunaSearch):
-    def __init__(self, *args: Any, others: dict[str, list[Any]] | None = None,
+    def __init__(self, *args: Any, others: dict[str, tuple[Any, list[Any]]] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._others = others or {}  # `baselines.other_choices`: variants of the best baseline

@@ -122,11 +122,11 @@ def test_the_best_hand_baseline_is_tried_again_without_augmentation():
     from autoprune.orchestration.baselines import (
         BASELINE_ATTR,
         enqueue_variants,
-        other_choices,
+        variant_axes,
     )
 
-    others = other_choices(SearchSpace.load(SPACES_DIR / "default.yaml"))
-    assert others == {"finetune.augment": (STUDY, ["none"]), "prior_strength": (0.5, [1.0])}
+    axes = variant_axes(SearchSpace.load(SPACES_DIR / "default.yaml"))
+    assert axes == {"finetune.augment": (STUDY, ["none"]), "prior_strength": (0.5, [1.0])}
     ot = optuna.create_study(direction="maximize")
     for x in (0.1, 0.2, 0.3):
         ot.enqueue_trial({"x": x, "finetune.augment": STUDY}, user_attrs={BASELINE_ATTR: True})
@@ -142,17 +142,17 @@ def test_the_best_hand_baseline_is_tried_again_without_augmentation():
 
     run(0.90, 0.0)
     run(0.99, 0.3)  # the most accurate, but over budget
-    assert enqueue_variants(ot, others) == 0  # a baseline is still waiting
+    assert enqueue_variants(ot, axes) == 0  # a baseline is still waiting
     run(0.95, 0.0)
-    assert enqueue_variants(ot, others) == 1
+    assert enqueue_variants(ot, axes) == 1
     waiting = ot.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs[BASELINE_ATTR]
     assert waiting[0].system_attrs["fixed_params"] == {"x": 0.3, "finetune.augment": "none"}
-    assert enqueue_variants(ot, others) == 0  # once per study
+    assert enqueue_variants(ot, axes) == 0  # once per study
     assert enqueue_variants(optuna.create_study(), {}) == 0
 
 
-def _variants_of(params: dict, others: dict) -> list[dict]:
+def _variants_of(params: dict, axes: dict) -> list[dict]:
     """The variants enqueued when `params` is the one finished hand baseline."""
     import optuna
 
@@ -168,7 +168,7 @@ def _variants_of(params: dict, others: dict) -> list[dict]:
         t.set_user_attr(k, 0.5)
     t.set_constraint("budget", 0.0)
     ot.tell(t, 0.9)
-    enqueue_variants(ot, others)
+    enqueue_variants(ot, axes)
     return [w.system_attrs["fixed_params"]
             for w in ot.get_trials(states=(optuna.trial.TrialState.WAITING,))]
 
@@ -179,17 +179,17 @@ def test_the_best_size_prior_baseline_is_tried_again_with_the_small_layers_spare
     tested 0.5 points higher over 18 epochs, on two seeds); one with the uniform split
     (strength 0) or the global split (no prior) only without the augmentation; a space that
     fixes the strength, or whose range lacks the stronger one, adds nothing."""
-    from autoprune.orchestration.baselines import STRONGER_PRIOR, other_choices
+    from autoprune.orchestration.baselines import STRONGER_PRIOR, variant_axes
 
     space = SearchSpace.load(SPACES_DIR / "default.yaml")
-    others = other_choices(space)
-    size = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.5}, others)
+    axes = variant_axes(space)
+    size = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.5}, axes)
     assert size == [{"finetune.augment": STUDY, "prior_strength": STRONGER_PRIOR},
                     {"finetune.augment": "none", "prior_strength": 0.5},
                     {"finetune.augment": "none", "prior_strength": STRONGER_PRIOR}]
-    flat = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.0}, others)
+    flat = _variants_of({"finetune.augment": STUDY, "prior_strength": 0.0}, axes)
     assert flat == [{"finetune.augment": "none", "prior_strength": 0.0}]
-    assert _variants_of({"finetune.augment": STUDY}, others) == [{"finetune.augment": "none"}]
+    assert _variants_of({"finetune.augment": STUDY}, axes) == [{"finetune.augment": "none"}]
     for strength in (0.5, {"low": 0.0, "high": 0.8}):
         raw = {"methods": "declared", "sparsity": {"prior_strength": strength}}
-        assert "prior_strength" not in other_choices(SearchSpace.from_dict(raw))
+        assert "prior_strength" not in variant_axes(SearchSpace.from_dict(raw))

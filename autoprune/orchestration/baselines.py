@@ -142,7 +142,7 @@ def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limi
     return n
 
 
-def other_choices(space: SearchSpace) -> dict[str, tuple[Any, list[Any]]]:
+def variant_axes(space: SearchSpace) -> dict[str, tuple[Any, list[Any]]]:
     """What the best hand baseline is tried again with: {Optuna name: (the baselines' value,
     [the others])}. The searched fine-tune choices besides `study` (`finetune.augment`), and
     where the size prior's strength is searched, `STRONGER_PRIOR` (the baselines hold 0.5)."""
@@ -156,10 +156,10 @@ def other_choices(space: SearchSpace) -> dict[str, tuple[Any, list[Any]]]:
     return out
 
 
-def enqueue_variants(ot_study: optuna.Study, others: dict[str, tuple[Any, list[Any]]]) -> int:
+def enqueue_variants(ot_study: optuna.Study, axes: dict[str, tuple[Any, list[Any]]]) -> int:
     """Once every hand baseline has finished, enqueue the most accurate in-budget one that
-    holds the study's recipes again with every combination of the values in `others`
-    (`other_choices`) that it can take, as baselines; once per study.
+    holds the study's recipes again with every combination of the values in `axes`
+    (`variant_axes`) that it can take, as baselines; once per study.
 
     The baselines all train with the study's own recipes and the default prior, so TPE's good
     trials all hold them and it hardly proposes another value: at 355.9x weights on LeNet-5,
@@ -174,27 +174,27 @@ def enqueue_variants(ot_study: optuna.Study, others: dict[str, tuple[Any, list[A
 
     from ..record import TrialRecord
 
-    if not others or ot_study.user_attrs.get(VARIANTS_ATTR) is not None:
+    if not axes or ot_study.user_attrs.get(VARIANTS_ATTR) is not None:
         return 0
     hand = [t for t in ot_study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR)]
     if not hand or not all(t.state.is_finished() for t in hand):
         return 0
-    recipes = [k for k, (base, _) in others.items() if base == STUDY]
+    recipes = [k for k, (base, _) in axes.items() if base == STUDY]
     done = [(TrialRecord.from_optuna(t), t) for t in hand if t.state == TrialState.COMPLETE
             and all(t.params.get(k) == STUDY for k in recipes)]
     done = [(r, t) for r, t in done if r.feasible]
     best = max(done, key=lambda rt: rt[0].val_accuracy, default=(None, None))[1]
     # the dimensions this baseline holds at the baselines' value (a global split has no prior)
-    axes = {} if best is None else {k: [base, *alts] for k, (base, alts) in others.items()
+    held = {} if best is None else {k: [base, *alts] for k, (base, alts) in axes.items()
                                     if k in best.params and best.params[k] == base}
     variants = [] if best is None else [
-        {**best.params, **dict(zip(axes, combo, strict=True))}
-        for combo in itertools.product(*axes.values())][1:]  # the first is the baseline itself
+        {**best.params, **dict(zip(held, combo, strict=True))}
+        for combo in itertools.product(*held.values())][1:]  # the first is the baseline itself
     for p in variants:
         ot_study.enqueue_trial(p, user_attrs={BASELINE_ATTR: True})
     ot_study.set_user_attr(VARIANTS_ATTR, -1 if best is None else best.number)
     if variants:
         log.info(f"trial {best.number}, the best hand baseline, is tried again with "
-                 + "; ".join(", ".join(f"{k}={p[k]}" for k in axes if p[k] != best.params[k])
+                 + "; ".join(", ".join(f"{k}={p[k]}" for k in held if p[k] != best.params[k])
                              for p in variants))
     return len(variants)

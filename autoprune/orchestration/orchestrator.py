@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..paths import SPACES_DIR, resolve_yaml
 from ..pipeline import Workbench
 from ..study import Study, load_study
-from .baselines import baseline_params, enqueue_baselines, other_choices
+from .baselines import baseline_params, enqueue_baselines, variant_axes
 from .cluster import host_port, init_ray, tune_storage
 from .distributed import share_data, trial_resources
 from .faults import Faults
@@ -228,7 +228,7 @@ def search(opts: SearchOptions) -> dict:
                                      metric=[k for k, _ in objectives],
                                      mode=[m for _, m in objectives], sampler=sampler,
                                      storage=storage, study_name=study.name,
-                                     others=other_choices(space))
+                                     axes=variant_axes(space))
             # ASHA compares pruned models at equal fine-tune epochs, never prune phases
             scheduler = make_scheduler(opts.scheduler, max_finetune_epochs(
                 study.finetune.epochs, space.finetune.get("epochs")), opts.trial_workers)

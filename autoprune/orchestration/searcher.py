@@ -39,10 +39,10 @@ FAILED_ATTRS = TrialRecord.FAILED_ATTRS
 
 
 class PruningSearch(OptunaSearch):
-    def __init__(self, *args: Any, others: dict[str, tuple[Any, list[Any]]] | None = None,
+    def __init__(self, *args: Any, axes: dict[str, tuple[Any, list[Any]]] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._others = others or {}  # `baselines.other_choices`: variants of the best baseline
+        self._axes = axes or {}  # `baselines.variant_axes`: what the best baseline varies
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -98,9 +98,9 @@ class PruningSearch(OptunaSearch):
             if key in result:
                 ot_trial.set_user_attr(key, result[key])
         super().on_trial_complete(trial_id, result, error)
-        enqueue_variants(self._ot_study, self._others)
+        enqueue_variants(self._ot_study, self._axes)
 
     def _tell(self, trial_id: str, values: Any, state: TrialState) -> None:
         self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         self._completed_trials.add(trial_id)
-        enqueue_variants(self._ot_study, self._others)
+        enqueue_variants(self._ot_study, self._axes)

@@ -119,10 +119,12 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
                 finetune: dict[str, Any] | None = None, seed: int | None = None,
                 on_epoch: Callable[[dict], None] | None = None,
                 on_pruned: Callable[[PrunedState], None] | None = None,
-                resume: PrunedState | None = None) -> tuple[nn.Module, dict]:
+                resume: PrunedState | None = None,
+                refit: Callable[[float, float], int] | None = None) -> tuple[nn.Module, dict]:
     """Prune a fresh dense copy with `method` to `targets`; return the model and its metrics.
 
-    `on_pruned` and `resume` checkpoint and restore the state between the two phases (see
+    `on_pruned` and `resume` checkpoint and restore the state between the two phases, and
+    `refit` sets the fine-tune's length once the method's phase is over (see
     `prune_and_finetune`).
     """
     from .pruning.compaction import compact
@@ -135,7 +137,7 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
         {k: v for k, v in finetune.items() if k in BOTH_PHASES})
     result = prune_and_finetune(model, wb.data, wb.accountant.graph, method, targets, params,
                                 prune_recipe, ft, seed=seed, on_epoch=on_epoch,
-                                on_pruned=on_pruned, resume=resume)
+                                on_pruned=on_pruned, resume=resume, refit=refit)
     counts = wb.accountant.count(model)
     compacted = compact(model, wb.data.example(), wb.accountant.graph)
     c_macs, c_params = count_dense(compacted, wb.data.example())

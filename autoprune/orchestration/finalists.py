@@ -70,14 +70,29 @@ class Finalist:
         return int(self.finetune["epochs"])
 
     def epochs_for(self, epoch_seconds: float, phase: float = 0.0, spent: float = 0.0) -> int:
-        """The fine-tune length this finalist runs, given the time of one epoch: what fits in
-        its time less `spent` seconds (timing that epoch) and less the `phase` epochs of its
-        trial's own method phase, which `stretch` adds back. (Counting neither, the twelfth
+        """The fine-tune length this finalist plans, given the time of one epoch: what fits in
+        its time less `spent` seconds (start-up, timing that epoch) and less the `phase` epochs
+        of its trial's own method phase, which `stretch` adds back. (Counting neither, the twelfth
         runs' finalists overran their time by 19-23 %: docs/benchmarks.md.)"""
         if self.seconds is None:
             return self.epochs
         fit = int(max(0.0, self.seconds - spent) / max(epoch_seconds, 1e-9) - phase)
         return max(self.epochs, min(fit, self.max_epochs or fit))
+
+    def refit(self, planned: int, left: float, phase_seconds: float, phase_epochs: float,
+              least: int) -> int:
+        """The fine-tune length once the method's phase is over: as many epochs as fit in the
+        `left` seconds at the pace the phase ran (`phase_seconds` for `phase_epochs`), at least
+        `least` (what its trial had) and at most `max_epochs`; `planned` if not fitted to a time.
+
+        The plan came from one dense epoch timed as the finalist started, alone in its process
+        but not in the machine: the fourteenth runs' AGP finalists, three at once on two
+        cores, then ran 13-17 % over their time. The phase ran under the stage's real load.
+        """
+        if self.seconds is None or phase_seconds <= 0 or phase_epochs <= 0:
+            return planned
+        fit = int(max(0.0, left) / (phase_seconds / phase_epochs))
+        return max(least, min(fit, self.max_epochs or fit))
 
 
 def final_epochs(study: Study, given: int | None) -> int:
@@ -194,6 +209,7 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
     from ..pipeline import phase_epochs, run_pruning
     from .trial import save_weights, workbench
 
+    start = time.perf_counter()
     try:
         set_threads(ctx.cpus if cpus is None else cpus)
         wb = workbench(ctx)
@@ -205,15 +221,21 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         phase_of = functools.partial(phase_epochs, wb, spec.method)
         epochs = spec.epochs
         if spec.seconds is not None:
-            t0 = time.perf_counter()
             epoch = _epoch_seconds(wb, spec, seed)
-            epochs = spec.epochs_for(epoch, phase_of(spec.params), time.perf_counter() - t0)
+            epochs = spec.epochs_for(epoch, phase_of(spec.params), time.perf_counter() - start)
         trial_epochs = (float(wb.study.finetune.epochs) if spec.trial_epochs is None
                         else spec.trial_epochs)
         params, epochs = stretch(spec, epochs, trial_epochs, phase_of)
+
+        def refit(phase_seconds: float, phase_epochs: float) -> int:
+            nonlocal epochs
+            left = (spec.seconds or 0.0) - (time.perf_counter() - start)
+            epochs = spec.refit(epochs, left, phase_seconds, phase_epochs, math.ceil(trial_epochs))
+            return epochs
+
         model, m = run_pruning(wb, spec.method, params, spec.targets,
                                finetune={**spec.finetune, "epochs": epochs}, seed=seed,
-                               on_epoch=progress)
+                               on_epoch=progress, refit=refit)
         ckpt = save_weights(model, Path(ctx.study_dir) / "checkpoints" / f"final-{spec.trial}.pt")
     except Exception as exc:  # noqa: BLE001 - recorded as a failed finalist, the search goes on
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}

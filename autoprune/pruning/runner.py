@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,11 +61,14 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
                        prune_recipe: Recipe, finetune_recipe: Recipe, *, seed: int = 0,
                        on_epoch: Callable[[dict], None] | None = None,
                        on_pruned: Callable[[PrunedState], None] | None = None,
-                       resume: PrunedState | None = None) -> PruneResult:
+                       resume: PrunedState | None = None,
+                       refit: Callable[[float, float], int] | None = None) -> PruneResult:
     """Run `method` on `model` (in place) and return its final masks and training history.
 
     `on_pruned` receives the state between the phases (to checkpoint it); `resume` is such a
-    state: the prune phase is then skipped and only the fine-tune phase runs.
+    state: the prune phase is then skipped and only the fine-tune phase runs. `refit(seconds,
+    epochs)` sees how long the method's phase took and returns the fine-tune's epochs (a
+    finalist fits its fine-tune to the time left at the pace its phase actually ran).
     """
     pruner = get_method(method)(model, targets, graph, **params)
     history: list[dict] = [] if resume is None else [dict(r) for r in resume.history]
@@ -85,7 +89,11 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
         pruner.calibrate(model, calibration_batches(data, prune_recipe.batch_size, seed))
         if pruner.prune_epochs > 0:
             recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
+            t0 = time.perf_counter()
             train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
+            if refit is not None:
+                finetune_recipe = dataclasses.replace(finetune_recipe, epochs=refit(
+                    time.perf_counter() - t0, pruner.prune_epochs))
         masks = pruner.final_masks()
         masks = _from_rank_zero(model, masks)  # data-parallel trials: one set of masks
     apply_masks(model, masks)

@@ -83,7 +83,7 @@ class Finalist:
               least: int) -> int:
         """The fine-tune length once the method's phase is over: as many epochs as fit in the
         `left` seconds at the pace the phase ran (`phase_seconds` for `phase_epochs`), at least
-        `least` (what its trial had) and at most `max_epochs`; `planned` if not fitted to a time.
+        `least` and at most `max_epochs`; `planned` if not fitted to a time.
 
         The plan came from one dense epoch timed as the finalist started, alone in its process
         but not in the machine: the fourteenth runs' AGP finalists, three at once on two
@@ -226,11 +226,15 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         trial_epochs = (float(wb.study.finetune.epochs) if spec.trial_epochs is None
                         else spec.trial_epochs)
         params, epochs = stretch(spec, epochs, trial_epochs, phase_of)
+        # never shorter in all than the floor (`spec.epochs` + its trial's phase), nor a
+        # fine-tune shorter than its trial's
+        least = max(math.ceil(trial_epochs),
+                    int(round(spec.epochs + phase_of(spec.params) - phase_of(params))))
 
         def refit(phase_seconds: float, phase_epochs: float) -> int:
             nonlocal epochs
             left = (spec.seconds or 0.0) - (time.perf_counter() - start)
-            epochs = spec.refit(epochs, left, phase_seconds, phase_epochs, math.ceil(trial_epochs))
+            epochs = spec.refit(epochs, left, phase_seconds, phase_epochs, least)
             return epochs
 
         model, m = run_pruning(wb, spec.method, params, spec.targets,

@@ -30,6 +30,10 @@ def init_ray(opts: SearchOptions) -> None:
     """Join `--ray-address` or start a local Ray; then refuse what its nodes cannot run."""
     import ray
 
+    # Tune's new output engine prints an experiment banner even at verbose=0: a trial count of
+    # 9223372036854775807 for an open-ended search and a TensorBoard command for logs we do not
+    # write. The search reports its own progress; the old engine at verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         check_gpus(opts)
         return

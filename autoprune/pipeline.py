@@ -120,11 +120,11 @@ def run_pruning(wb: Workbench, method: str, params: dict[str, Any], targets: dic
                 on_epoch: Callable[[dict], None] | None = None,
                 on_pruned: Callable[[PrunedState], None] | None = None,
                 resume: PrunedState | None = None,
-                refit: Callable[[float, float], int] | None = None) -> tuple[nn.Module, dict]:
+                refit: Callable[[float], int] | None = None) -> tuple[nn.Module, dict]:
     """Prune a fresh dense copy with `method` to `targets`; return the model and its metrics.
 
     `on_pruned` and `resume` checkpoint and restore the state between the two phases, and
-    `refit` sets the fine-tune's length once the method's phase is over (see
+    `refit` sets the fine-tune's length once the masks are fixed (see
     `prune_and_finetune`).
     """
     from .pruning.compaction import compact

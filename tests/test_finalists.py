@@ -188,41 +188,46 @@ def test_time_matched_finalist_length():
     assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).epochs_for(0.01) == 12  # --final-epochs
 
 
-def test_refit_fills_the_time_left_at_the_pace_the_phase_ran():
-    """Once its method's phase is over, a time-fitted finalist's fine-tune takes what is left
-    at the phase's measured pace, within [what its trial had, max_epochs]."""
+def test_refit_fills_the_time_left_at_the_fine_tunes_pace():
+    """Once the masks are fixed, a time-fitted finalist's fine-tune takes what is left at the
+    fine-tune's measured pace, within [what its trial had, max_epochs]."""
     from autoprune.orchestration.finalists import plan
 
     spec = plan(_rec(0, 0.9, 0.3, 0.3), epochs=12, seconds=30.0, max_epochs=100)
-    # the phase ran 4 epochs in 8 s (2 s each) and 20 s are left: 10 epochs, not the plan's 15
-    assert spec.refit(15, left=20.0, phase_seconds=8.0, phase_epochs=4.0, least=4) == 10
-    assert spec.refit(15, left=-3.0, phase_seconds=8.0, phase_epochs=4.0, least=4) == 4
-    assert spec.refit(15, left=1e4, phase_seconds=8.0, phase_epochs=4.0, least=4) == 100
-    assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).refit(15, 20.0, 8.0, 4.0, 4) == 15
+    # an epoch takes 2 s and 20 s are left: 10 epochs, not the plan's 15
+    assert spec.refit(15, left=20.0, epoch_seconds=2.0, least=4) == 10
+    assert spec.refit(15, left=-3.0, epoch_seconds=2.0, least=4) == 4
+    assert spec.refit(15, left=1e4, epoch_seconds=2.0, least=4) == 100
+    assert plan(_rec(0, 0.9, 0.3, 0.3), epochs=12).refit(15, 20.0, 2.0, 4) == 15
 
 
 def test_the_fine_tune_is_as_long_as_refit_says(pretrained, digits):
-    """`prune_and_finetune` asks `refit` after the method's phase, with that phase's time and
-    epochs, and fine-tunes for the epochs it returns instead of the recipe's."""
+    """`prune_and_finetune` asks `refit` once the masks are fixed, with the fine-tune's timed
+    seconds per epoch, and fine-tunes for the epochs it returns instead of the recipe's;
+    the timing runs on a copy (the same weights as without it)."""
     from conftest import fresh_digits_lenet
 
     from autoprune.engine import Recipe
     from autoprune.graph import build_channel_graph
     from autoprune.pruning.runner import prune_and_finetune
 
-    model = fresh_digits_lenet(pretrained)
-    seen: list[tuple[float, float]] = []
+    def run(refit):
+        model = fresh_digits_lenet(pretrained)
+        res = prune_and_finetune(model, digits, build_channel_graph(model, digits.example()),
+                                 "magnitude", {"conv2": 0.5, "fc1": 0.8},
+                                 {"gradual": True, "epochs": 1.0}, Recipe(epochs=0, batch_size=64),
+                                 Recipe(epochs=2, batch_size=64), seed=0, refit=refit)
+        return model, res
 
-    def refit(seconds: float, epochs: float) -> int:
-        seen.append((seconds, epochs))
-        return 2
-
-    res = prune_and_finetune(model, digits, build_channel_graph(model, digits.example()),
-                             "magnitude", {"conv2": 0.5, "fc1": 0.8},
-                             {"gradual": True, "epochs": 1.0}, Recipe(epochs=0, batch_size=64),
-                             Recipe(epochs=5, batch_size=64), seed=0, refit=refit)
-    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] == 1.0
+    seen: list[float] = []
+    model, res = run(lambda seconds: seen.append(seconds) or 2)
+    assert len(seen) == 1 and seen[0] > 0
     assert sum(r["phase"] == "finetune" for r in res.history) == 2
+    plain, _ = run(None)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 plain.state_dict().values(), strict=True))
+    _, longer = run(lambda seconds: 3)
+    assert sum(r["phase"] == "finetune" for r in longer.history) == 3
 
 
 def test_stretch_shares_the_finalist_length_as_the_trial_did():

@@ -79,19 +79,19 @@ class Finalist:
         fit = int(max(0.0, self.seconds - spent) / max(epoch_seconds, 1e-9) - phase)
         return max(self.epochs, min(fit, self.max_epochs or fit))
 
-    def refit(self, planned: int, left: float, phase_seconds: float, phase_epochs: float,
-              least: int) -> int:
-        """The fine-tune length once the method's phase is over: as many epochs as fit in the
-        `left` seconds at the pace the phase ran (`phase_seconds` for `phase_epochs`), at least
+    def refit(self, planned: int, left: float, epoch_seconds: float, least: int) -> int:
+        """The fine-tune length once the masks are fixed: as many epochs as fit in the `left`
+        seconds at `epoch_seconds` each (the fine-tune's own pace, timed then), at least
         `least` and at most `max_epochs`; `planned` if not fitted to a time.
 
-        The plan came from one dense epoch timed as the finalist started, alone in its process
-        but not in the machine: the fourteenth runs' AGP finalists, three at once on two
-        cores, then ran 13-17 % over their time. The phase ran under the stage's real load.
+        The plan came from one dense epoch timed as the finalist started, before the method's
+        phase: the fourteenth runs' AGP finalists, three at once on two cores, then ran 13-17 %
+        over their time. Refitted at the phase's pace, they ended 9-11 % early (the phase is
+        slower per epoch than the fine-tune): docs/benchmarks.md, fifteenth runs.
         """
-        if self.seconds is None or phase_seconds <= 0 or phase_epochs <= 0:
+        if self.seconds is None or epoch_seconds <= 0:
             return planned
-        fit = int(max(0.0, left) / (phase_seconds / phase_epochs))
+        fit = int(max(0.0, left) / epoch_seconds)
         return max(least, min(fit, self.max_epochs or fit))
 
 
@@ -231,10 +231,10 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         least = max(math.ceil(trial_epochs),
                     int(round(spec.epochs + phase_of(spec.params) - phase_of(params))))
 
-        def refit(phase_seconds: float, phase_epochs: float) -> int:
+        def refit(epoch_seconds: float) -> int:
             nonlocal epochs
             left = (spec.seconds or 0.0) - (time.perf_counter() - start)
-            epochs = spec.refit(epochs, left, phase_seconds, phase_epochs, least)
+            epochs = spec.refit(epochs, left, epoch_seconds, least)
             return epochs
 
         model, m = run_pruning(wb, spec.method, params, spec.targets,

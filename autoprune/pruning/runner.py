@@ -17,6 +17,7 @@ finalists and 8 four-epoch trials were put back, eleventh runs).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import time
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 
 from ..data import TensorData
-from ..engine import Recipe, prepare, train
+from ..engine import Recipe, evaluate_split, prepare, train
 from ..graph import ChannelGraph
 from .base import MaskHook, Masks, Pruner, apply_masks, get_method
 
 COLLAPSE_DROP = 0.05  # val accuracy below the best fine-tune epoch's that undoes the last ones
+PROBE_EPOCHS = 0.2  # the share of a fine-tune epoch `fine_tune_pace` times
 
 
 @dataclass
@@ -62,13 +64,13 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
                        on_epoch: Callable[[dict], None] | None = None,
                        on_pruned: Callable[[PrunedState], None] | None = None,
                        resume: PrunedState | None = None,
-                       refit: Callable[[float, float], int] | None = None) -> PruneResult:
+                       refit: Callable[[float], int] | None = None) -> PruneResult:
     """Run `method` on `model` (in place) and return its final masks and training history.
 
     `on_pruned` receives the state between the phases (to checkpoint it); `resume` is such a
-    state: the prune phase is then skipped and only the fine-tune phase runs. `refit(seconds,
-    epochs)` sees how long the method's phase took and returns the fine-tune's epochs (a
-    finalist fits its fine-tune to the time left at the pace its phase actually ran).
+    state: the prune phase is then skipped and only the fine-tune phase runs. `refit` is given
+    the fine-tune's measured seconds per epoch (`fine_tune_pace`) once the masks are fixed and
+    returns the fine-tune's epochs: a finalist fits its fine-tune to the time it has left.
     """
     pruner = get_method(method)(model, targets, graph, **params)
     history: list[dict] = [] if resume is None else [dict(r) for r in resume.history]
@@ -89,14 +91,13 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
         pruner.calibrate(model, calibration_batches(data, prune_recipe.batch_size, seed))
         if pruner.prune_epochs > 0:
             recipe = dataclasses.replace(prune_recipe, epochs=pruner.prune_epochs)
-            t0 = time.perf_counter()
             train(model, data, recipe, hooks=[pruner], seed=seed, on_epoch=log("prune"))
-            if refit is not None:
-                finetune_recipe = dataclasses.replace(finetune_recipe, epochs=refit(
-                    time.perf_counter() - t0, pruner.prune_epochs))
         masks = pruner.final_masks()
         masks = _from_rank_zero(model, masks)  # data-parallel trials: one set of masks
     apply_masks(model, masks)
+    if refit is not None:
+        finetune_recipe = dataclasses.replace(finetune_recipe, epochs=refit(
+            fine_tune_pace(model, data, finetune_recipe, masks, seed)))
     if on_pruned is not None and resume is None:
         on_pruned(PrunedState({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                               {k: v.detach().cpu().clone() for k, v in masks.items()},
@@ -114,6 +115,27 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
               on_epoch=finetune_epoch)
         kept = best.keep()
     return PruneResult(pruner, masks, history, kept)
+
+
+def fine_tune_pace(model: nn.Module, data: TensorData, recipe: Recipe, masks: Masks,
+                   seed: int = 0, probe: float = PROBE_EPOCHS) -> float:
+    """Seconds one masked fine-tune epoch of `recipe` takes here and now, timed on a throwaway
+    copy of `model` for `probe` of an epoch: its training steps scaled up, plus the validation
+    pass every epoch ends with (timed alone).
+
+    Why not the method's own phase: an AGP or ADMM epoch costs more than a fine-tune epoch
+    (alone, on one thread: AGP 19.3 s, masked fine-tune 18.1 s), and finalists fitted at the
+    phase's pace ended 9-11 % before their time (docs/benchmarks.md, fifteenth runs).
+    """
+    probe_model = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    evaluate_split(probe_model, data, "val")
+    t1 = time.perf_counter()
+    train(probe_model, data, dataclasses.replace(recipe, epochs=probe),
+          hooks=[MaskHook(masks)], seed=seed)
+    t2 = time.perf_counter()
+    val = t1 - t0
+    return max(t2 - t1 - val, 0.0) / probe + val
 
 
 class _BestEpoch:

@@ -220,9 +220,11 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         seed = ctx.seed + max(spec.trial, 0)
         phase_of = functools.partial(phase_epochs, wb, spec.method)
         epochs = spec.epochs
+        timing: dict[str, float] = {}  # what sized it, kept to check the estimates
         if spec.seconds is not None:
-            epoch = _epoch_seconds(wb, spec, seed)
-            epochs = spec.epochs_for(epoch, phase_of(spec.params), time.perf_counter() - start)
+            timing["dense_epoch"] = _epoch_seconds(wb, spec, seed)
+            epochs = spec.epochs_for(timing["dense_epoch"], phase_of(spec.params),
+                                     time.perf_counter() - start)
         trial_epochs = (float(wb.study.finetune.epochs) if spec.trial_epochs is None
                         else spec.trial_epochs)
         params, epochs = stretch(spec, epochs, trial_epochs, phase_of)
@@ -231,10 +233,13 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         least = max(math.ceil(trial_epochs),
                     int(round(spec.epochs + phase_of(spec.params) - phase_of(params))))
 
+        timing["planned"] = epochs
+
         def refit(epoch_seconds: float) -> int:
             nonlocal epochs
-            left = (spec.seconds or 0.0) - (time.perf_counter() - start)
-            epochs = spec.refit(epochs, left, epoch_seconds, least)
+            timing.update(refit_at=time.perf_counter() - start, pace=epoch_seconds)
+            epochs = spec.refit(epochs, (spec.seconds or 0.0) - timing["refit_at"],
+                                epoch_seconds, least)
             return epochs
 
         model, m = run_pruning(wb, spec.method, params, spec.targets,
@@ -245,6 +250,8 @@ def retrain(ctx: TrialContext, spec: Finalist, cpus: float | None = None) -> dic
         return {"failed": True, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
     return {**{k: float(m[k]) for k in FINALIST_METRICS}, "checkpoint": str(ckpt), "epochs": epochs,
             "phase_epochs": phase_of(params),
+            **{k: round(v, 2) for k, v in timing.items()},
+            "inside_seconds": round(time.perf_counter() - start, 2),
             "hparams": json.dumps(params), "history": m["history"]}
 
 

@@ -119,16 +119,22 @@ def prune_and_finetune(model: nn.Module, data: TensorData, graph: ChannelGraph, 
 
 class _Clock(TrainHook):
     """When a training call's steps start and when its last epoch's steps end (before the
-    validation pass that closes every epoch)."""
+    validation pass that closes every epoch); on a GPU once its queued work is done."""
 
     def __init__(self) -> None:
         self.start = self.steps_end = 0.0
 
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def on_train_start(self, model, optimizer, steps_per_epoch, epochs) -> None:
-        self.start = time.perf_counter()
+        self.start = self._now()
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        self.steps_end = time.perf_counter()
+        self.steps_end = self._now()
 
 
 def fine_tune_pace(model: nn.Module, data: TensorData, recipe: Recipe, masks: Masks,

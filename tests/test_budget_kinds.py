@@ -75,9 +75,14 @@ def test_baselines_come_from_the_methods_declarations(digits):
     table = CostTable.from_accountant(Accountant(model, digits.example()))
     space = SearchSpace.from_dict({"methods": "declared"}).for_budget(structured=True)
     params = baseline_params(space, table, list(table.layers), "filter")
+    # a setting of single weights cannot meet a flops= budget: skipped (ADMM's schedule)
     declared = [(n, s) for n, c in load_all().items() if n in space.methods
-                for s in c.baselines]
+                for s in c.baselines if s.get("granularity") != "weight"]
     assert declared and len(params) == 2 * len(declared)  # size-prior and uniform split each
+    unstructured = SearchSpace.from_dict({"methods": "declared"})
+    weight = baseline_params(unstructured, table, list(table.layers), "weight")
+    assert any(p["method"] == "admm" for p in weight)
+    assert not any(p["method"] == "admm" for p in params)
     for p in params:
         assert p["target"] == 1.0 and f"{p['method']}.granularity" not in p  # fixed: filter
     uniform = [p for p in params if any(v != 0.5 for k, v in p.items() if k.startswith("alloc"))]

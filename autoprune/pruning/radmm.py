@@ -111,6 +111,7 @@ class ReweightedADMM(ADMM):
     """ADMM whose Z-step is a target-reaching reweighted soft threshold."""
 
     name = "radmm"
+    baselines = ()  # ADMM's progressive schedule grows rho, which this method holds fixed
     differences = (
         "the paper's full text was not available: its exact reweighting rule, schedule and "
         "hyperparameters are unknown; this is reweighted L1 (Candes et al. 2008) in ADMM's "

@@ -152,6 +152,36 @@ def test_the_best_hand_baseline_is_tried_again_without_augmentation():
     assert enqueue_variants(optuna.create_study(), {}) == 0
 
 
+def test_each_methods_best_hand_baseline_is_tried_again():
+    """The variants run for the best baseline of every method, the best of all first: which
+    method a ratio favours can show only once it has them (a tie before is a coin's throw)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoprune.orchestration.baselines import BASELINE_ATTR, VARIANTS_ATTR, enqueue_variants
+
+    axes = {"finetune.augment": (STUDY, ["none"])}
+    ot = optuna.create_study(direction="maximize")
+    hand = [("a", 0.1, 0.90), ("b", 0.2, 0.93), ("a", 0.3, 0.95), ("b", 0.4, 0.91)]
+    for method, x, _ in hand:
+        ot.enqueue_trial({"method": method, "x": x, "finetune.augment": STUDY},
+                         user_attrs={BASELINE_ATTR: True})
+    for _, _, val in hand:
+        t = ot.ask()
+        t.suggest_categorical("method", ["a", "b"])
+        t.suggest_float("x", 0.0, 1.0)
+        t.suggest_categorical("finetune.augment", [STUDY, "none"])
+        for k in ("flops_frac", "params_frac"):
+            t.set_user_attr(k, 0.5)
+        t.set_constraint("budget", 0.0)
+        ot.tell(t, val)
+    assert enqueue_variants(ot, axes) == 2
+    waiting = [w.system_attrs["fixed_params"] for w in ot.get_trials(states=(TrialState.WAITING,))]
+    assert waiting == [{"method": "a", "x": 0.3, "finetune.augment": "none"},
+                       {"method": "b", "x": 0.2, "finetune.augment": "none"}]
+    assert ot.user_attrs[VARIANTS_ATTR] == [2, 1]
+
+
 def _variants_of(params: dict, axes: dict) -> list[dict]:
     """The variants enqueued when `params` is the one finished hand baseline."""
     import optuna

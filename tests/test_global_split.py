@@ -208,7 +208,10 @@ def test_global_baselines_come_first(lenet5):
                                   "sparsity": {"split": ["sampled", "global"]}})
     params = baseline_params(both, lenet5.table, layers, "filter")
     assert [p.get("split") for p in params] == ["global"] * 2 + ["sampled"] * 4
-    assert [p["magnitude.gradual"] for p in params[:2]] == [False, True]
+    assert [p["magnitude.gradual"] for p in params] == [False, True] * 3
+    # the size-prior split (offsets 0.5: the prior itself) before the uniform one
+    assert [all(v == 0.5 for k, v in p.items() if k.startswith("alloc.")) for p in params[2:]] \
+        == [True, True, False, False]
     assert not any(k.startswith("alloc.") for p in params[:2] for k in p)
     old = SearchSpace.from_dict({"methods": methods})
     assert [p.get("split") for p in baseline_params(old, lenet5.table, layers, "filter")] == \

@@ -7,10 +7,11 @@ setting of the methods in its space, each at the full budget: first with the glo
 one-shot magnitude filter pruning under flops= is Torch-Pruning's global group-magnitude
 pruning, the strongest hand baseline), then with the size-prior split of the budget (larger
 layers pruned harder, the default of `autoprune prune`) and with the uniform split (the same
-sparsity in every layer). All global ones come before the sampled ones, so a search too short
-for every baseline (`limit`) still gets the strongest of each method. The sampler then starts
-from points a user would have tried, and the search can never return a model worse than they
-are (up to the noise of one run). Nothing here names a method: the settings come from the registry.
+sparsity in every layer). All global ones come first, then all size-prior ones, so a search
+too short for every baseline (`limit`) still gets the strongest of each method. The sampler
+then starts from points a user would have tried, and the search can never return a model worse
+than they are (up to the noise of one run). Nothing here names a method: the settings come
+from the registry.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .projection import PRIOR_STRENGTH, CostTable, size_prior
 from .space import Dist, SearchSpace
 
 BASELINE_ATTR = "baseline"  # Optuna user attr of an enqueued baseline trial
-VARIANTS_ATTR = "baseline_variants"  # Optuna study attr: the trial whose variants were enqueued
+VARIANTS_ATTR = "baseline_variants"  # Optuna study attr: the baselines whose variants ran
 # The size prior's strength of the best baseline's variant: twice the default, which spares the
 # small layers more. AGP magnitude on LeNet-5, 18 epochs, seeds 0 and 2: at 355.9x weights test
 # 0.9834 / 0.9838 against 0.9780 / 0.9767 at 0.5; at 71.2x a tie, 0.9922 / 0.9926 against
@@ -103,7 +104,7 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
         elif k in recipe and _fits(d, recipe[k]):
             hand_ft[f"finetune.{k}"] = recipe[k]
     glob: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
+    out: dict[str, list[dict[str, Any]]] = {"size": [], "uniform": []}
     for method, dists in space.methods.items():
         cls = get_method(method)
         defaults = {f: getattr(cls.Params(), f) for f in dists}
@@ -123,11 +124,13 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
                     glob.append(g)
             if "sampled" not in space.split:
                 continue
-            for kind in ("size", "uniform"):
+            for kind, listed in out.items():
                 a = alloc(kind)
-                if a is not None and {**params, **split, **a} not in out:
-                    out.append({**params, **split, **a})
-    return glob + out
+                if a is not None and {**params, **split, **a} not in listed:
+                    listed.append({**params, **split, **a})
+    # strongest split first, so that a `limit` cuts the uniform ones (at 71.2x uniform scores
+    # val 0.80-0.95, the size prior 0.985): digits-lenet's 8 hold 4 settings
+    return glob + out["size"] + out["uniform"]
 
 
 def enqueue_baselines(ot_study: optuna.Study, params: list[dict[str, Any]], limit: int) -> int:
@@ -157,8 +160,8 @@ def variant_axes(space: SearchSpace) -> dict[str, tuple[Any, list[Any]]]:
 
 
 def enqueue_variants(ot_study: optuna.Study, axes: dict[str, tuple[Any, list[Any]]]) -> int:
-    """Once every hand baseline has finished, enqueue the most accurate in-budget one that
-    holds the study's recipes again with every combination of the values in `axes`
+    """Once every hand baseline has finished, enqueue the most accurate in-budget one of each
+    method that holds the study's recipes again with every combination of the values in `axes`
     (`variant_axes`) that it can take, as baselines; once per study.
 
     The baselines all train with the study's own recipes and the default prior, so TPE's good
@@ -168,7 +171,10 @@ def enqueue_variants(ot_study: optuna.Study, axes: dict[str, tuple[Any, list[Any
     without augmentation or with the small layers spared more, is a user's next try by hand,
     and puts those values among the good trials: TPE then tried `none` in 4 of 10, and the
     variant was the pick, 0.30 test points above the same baseline with the study's shift
-    (docs/benchmarks.md, thirteenth runs).
+    (docs/benchmarks.md, thirteenth runs). Each method's best, not only the best of all: with
+    the study's recipes ADMM's and AGP's baselines at 355.9x were 4 validation images apart
+    (0.9532 against 0.9525), so which one's variants ran was a coin's throw, while what a
+    method gains from the variants differs (seventeenth runs).
     """
     from optuna.trial import TrialState
 
@@ -182,19 +188,24 @@ def enqueue_variants(ot_study: optuna.Study, axes: dict[str, tuple[Any, list[Any
     recipes = [k for k, (base, _) in axes.items() if base == STUDY]
     done = [(TrialRecord.from_optuna(t), t) for t in hand if t.state == TrialState.COMPLETE
             and all(t.params.get(k) == STUDY for k in recipes)]
-    done = [(r, t) for r, t in done if r.feasible]
-    best = max(done, key=lambda rt: rt[0].val_accuracy, default=(None, None))[1]
-    # the dimensions this baseline holds at the baselines' value (a global split has no prior)
-    held = {} if best is None else {k: [base, *alts] for k, (base, alts) in axes.items()
-                                    if k in best.params and best.params[k] == base}
-    variants = [] if best is None else [
-        {**best.params, **dict(zip(held, combo, strict=True))}
-        for combo in itertools.product(*held.values())][1:]  # the first is the baseline itself
-    for p in variants:
-        ot_study.enqueue_trial(p, user_attrs={BASELINE_ATTR: True})
-    ot_study.set_user_attr(VARIANTS_ATTR, -1 if best is None else best.number)
-    if variants:
-        log.info(f"trial {best.number}, the best hand baseline, is tried again with "
-                 + "; ".join(", ".join(f"{k}={p[k]}" for k in held if p[k] != best.params[k])
-                             for p in variants))
-    return len(variants)
+    best: dict[Any, optuna.trial.FrozenTrial] = {}  # method -> its best, the best of all first
+    for _, t in sorted(((r, t) for r, t in done if r.feasible),
+                       key=lambda rt: (-rt[0].val_accuracy, rt[1].number)):
+        best.setdefault(t.params.get("method"), t)
+    count = 0
+    for t in best.values():
+        # the dimensions this baseline holds at the baselines' value (a global split: no prior)
+        held = {k: [base, *alts] for k, (base, alts) in axes.items()
+                if k in t.params and t.params[k] == base}
+        variants = [{**t.params, **dict(zip(held, combo, strict=True))}
+                    for combo in itertools.product(*held.values())][1:]  # [0]: the baseline
+        for p in variants:
+            ot_study.enqueue_trial(p, user_attrs={BASELINE_ATTR: True})
+        count += len(variants)
+        if variants:
+            log.info(f"trial {t.number}, the best hand baseline of {t.params.get('method')}, "
+                     "is tried again with "
+                     + "; ".join(", ".join(f"{k}={p[k]}" for k in held if p[k] != t.params[k])
+                                 for p in variants))
+    ot_study.set_user_attr(VARIANTS_ATTR, [t.number for t in best.values()])
+    return count

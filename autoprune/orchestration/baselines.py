@@ -129,7 +129,8 @@ def baseline_params(space: SearchSpace, table: CostTable, layers: list[str],
                 if a is not None and {**params, **split, **a} not in listed:
                     listed.append({**params, **split, **a})
     # strongest split first, so that a `limit` cuts the uniform ones (at 71.2x uniform scores
-    # val 0.80-0.95, the size prior 0.985): digits-lenet's 8 hold 4 settings
+    # val 0.80-0.95, the size prior 0.985): under params= digits-lenet's 8 slots hold the
+    # global and size-prior splits of 4 settings
     return glob + out["size"] + out["uniform"]
 
 

@@ -87,6 +87,13 @@ def test_baselines_come_from_the_methods_declarations(digits):
         assert p["target"] == 1.0 and f"{p['method']}.granularity" not in p  # fixed: filter
     uniform = [p for p in params if any(v != 0.5 for k, v in p.items() if k.startswith("alloc"))]
     assert len(uniform) == len(declared)
+    # the uniform split's offsets cancel the prior: every layer gets the same preference
+    from autoprune.orchestration.projection import size_prior, with_prior
+    prior = size_prior(table, list(table.layers), "filter")
+    for p in uniform:
+        offsets = {k[len("alloc."):]: v for k, v in p.items() if k.startswith("alloc.")}
+        prefs = with_prior(offsets, prior).values()
+        assert max(prefs) - min(prefs) < 1e-9, prefs
 
 
 def test_baselines_fix_a_searched_prior_strength(digits):
